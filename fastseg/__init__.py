@@ -1,0 +1,24 @@
+"""fastseg: hand-written GPU kernels for semantic segmentation, behind a PyTorch API.
+
+Every op has a plain-PyTorch reference next to its kernels; `fastseg.backend(...)` picks which runs.
+"""
+
+from fastseg import _backend
+
+_backend._init_extension()
+
+from fastseg._backend import backend, build_info, current_backend  # noqa: E402
+from fastseg._version import __version__  # noqa: E402
+from fastseg.ops.max_pool import max_pool2d, max_pool2d_with_indices, max_unpool2d  # noqa: E402
+from fastseg import nn  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "backend",
+    "build_info",
+    "current_backend",
+    "max_pool2d",
+    "max_pool2d_with_indices",
+    "max_unpool2d",
+    "nn",
+]

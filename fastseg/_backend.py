@@ -1,0 +1,222 @@
+"""Which implementation runs an op: backend selection, the compiled extension, and build information.
+
+Every fastseg op has up to three implementations:
+
+- ``"triton"``: the Triton kernels. They run on CUDA tensors, and on CPU tensors when the environment
+  variable ``TRITON_INTERPRET=1`` was set before triton was imported (Triton's interpreter; slow, for tests).
+- ``"extension"``: the compiled extension ``fastseg._C``: C++ kernels for CPU tensors, CUDA kernels for
+  CUDA tensors when it was built with CUDA.
+- ``"reference"``: plain PyTorch, the specification the kernels are tested against.
+
+``"auto"`` (the default) picks Triton for CUDA tensors, and the extension (else the reference) for CPU
+tensors. ``with fastseg.backend(name):`` forces one for the ops called inside the block (per thread).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib
+import importlib.util
+import os
+import warnings
+from typing import Iterator
+
+import torch
+
+from fastseg._version import __version__
+
+BACKENDS = ("auto", "triton", "extension", "reference")
+
+_BUILD_HINT = (
+    "Build it from the fastseg source tree with\n"
+    "    pip install --no-build-isolation -e .\n"
+    "(CPU and, when a CUDA toolkit and a CUDA build of torch are found, CUDA kernels; FASTSEG_CUDA=1 forces "
+    "CUDA, FASTSEG_CUDA=0 builds CPU only), or in place with `python setup.py build_ext --inplace`."
+)
+
+_active_backend: contextvars.ContextVar[str] = contextvars.ContextVar("fastseg_backend", default="auto")
+
+# op name -> the backends that implement it ("triton", "extension", "reference")
+_op_backends: dict[str, frozenset[str]] = {}
+
+
+class ExtensionUnavailableError(RuntimeError):
+    """Raised when an op needs fastseg._C and it is missing, failed to load, or lacks the kernel."""
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Force the implementation used by fastseg ops inside the ``with`` block.
+
+    Args:
+        name: ``"auto"`` (default: Triton on CUDA, the C++ extension or the reference on CPU),
+            ``"triton"`` (Triton kernels; CPU tensors need ``TRITON_INTERPRET=1``),
+            ``"extension"`` (fastseg._C's C++/CUDA kernels) or ``"reference"`` (plain PyTorch).
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"fastseg.backend: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    token = _active_backend.set(name)
+    try:
+        yield
+    finally:
+        _active_backend.reset(token)
+
+
+def current_backend() -> str:
+    """The backend forced by the innermost ``fastseg.backend(...)`` block, or ``"auto"``."""
+    return _active_backend.get()
+
+
+def register_op(op: str, backends: set[str]) -> None:
+    """Record which implementations an op has (used by select() and `python -m fastseg info`)."""
+    _op_backends[op] = frozenset(backends)
+
+
+def registered_ops() -> dict[str, frozenset[str]]:
+    return dict(_op_backends)
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_runs_on(device_type: str) -> bool:
+    if not triton_available():
+        return False
+    return device_type == "cuda" or (device_type == "cpu" and triton_interpreting())
+
+
+def _extension_runs_on(device_type: str) -> bool:
+    ext = extension()
+    if ext is None:
+        return False
+    return device_type == "cpu" or (device_type == "cuda" and bool(ext.build_info()["cuda_kernels"]))
+
+
+def select(op: str, device: torch.device) -> str:
+    """The implementation ("triton", "extension" or "reference") that runs `op` on `device` now.
+
+    Raises a RuntimeError naming what is missing when the forced backend cannot run there.
+    """
+    have = _op_backends[op]
+    forced = current_backend()
+    dev = device.type
+    if forced == "auto":
+        if dev == "cuda" and "triton" in have and _triton_runs_on(dev):
+            return "triton"
+        if "extension" in have and _extension_runs_on(dev):
+            return "extension"
+        if dev == "cuda" and "triton" in have:
+            raise RuntimeError(f"fastseg.{op}: CUDA tensors need triton, which is not installed")
+        return "reference"
+    if forced not in have:
+        raise RuntimeError(
+            f"fastseg.{op} has no {forced!r} implementation; it has: {', '.join(sorted(have))}"
+        )
+    if forced == "triton" and not _triton_runs_on(dev):
+        if not triton_available():
+            raise RuntimeError(f"fastseg.{op}: backend('triton') needs the triton package")
+        raise RuntimeError(
+            f"fastseg.{op}: backend('triton') on {dev} tensors needs TRITON_INTERPRET=1 set before "
+            "triton is imported (Triton's CPU interpreter), or CUDA tensors"
+        )
+    if forced == "extension" and not _extension_runs_on(dev):
+        require_extension()
+        raise ExtensionUnavailableError(
+            f"fastseg.{op}: fastseg._C was built without CUDA kernels, so backend('extension') cannot run "
+            f"on {dev} tensors. Rebuild with FASTSEG_CUDA=1. " + _BUILD_HINT
+        )
+    return forced
+
+
+# --- the compiled extension -------------------------------------------------------------------
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """'2.11.0+cu130' -> (2, 11): the part of torch's version that the C++ ABI depends on."""
+    return tuple(int(p) for p in version.split("+")[0].split(".")[:2])
+
+
+def _load_extension():
+    """Import fastseg._C and check it was built for this torch and this CUDA major version.
+
+    Raises ImportError with rebuild instructions when it is missing or built for another torch/CUDA.
+    """
+    try:
+        _C = importlib.import_module("fastseg._C")
+    except ImportError as err:
+        raise ImportError(f"fastseg._C could not be imported ({err}). {_BUILD_HINT}") from err
+    info = _C.build_info()
+    if _release(info["torch_version"]) != _release(torch.__version__):
+        raise ImportError(
+            f"fastseg._C was built against torch {info['torch_version']}, but torch {torch.__version__} is "
+            f"installed. Rebuild fastseg against this torch. {_BUILD_HINT}"
+        )
+    built_cuda, runtime_cuda = info["cuda_version"], torch.version.cuda
+    if built_cuda and runtime_cuda and built_cuda.split(".")[0] != runtime_cuda.split(".")[0]:
+        raise ImportError(
+            f"fastseg._C was built with CUDA {built_cuda}, but torch uses CUDA {runtime_cuda}. "
+            f"Rebuild fastseg with a CUDA {runtime_cuda.split('.')[0]}.x toolkit. {_BUILD_HINT}"
+        )
+    if built_cuda and not runtime_cuda:
+        raise ImportError(
+            f"fastseg._C was built with CUDA {built_cuda}, but this torch is a CPU-only build. {_BUILD_HINT}"
+        )
+    return _C
+
+
+_extension = None
+_extension_error: ImportError | None = None
+
+
+def _init_extension() -> None:
+    """Load the extension once, at import; remember why it failed so C++ ops can say so."""
+    global _extension, _extension_error
+    try:
+        _extension = _load_extension()
+    except ImportError as err:
+        _extension_error = err
+        if any(f.startswith("_C.") for f in os.listdir(os.path.dirname(__file__))):
+            # A compiled file is there but unusable: worth a warning, unlike a source checkout never built.
+            warnings.warn(str(err), RuntimeWarning, stacklevel=3)
+
+
+def extension():
+    """The loaded fastseg._C module, or None."""
+    return _extension
+
+
+def extension_error() -> ImportError | None:
+    return _extension_error
+
+
+def require_extension():
+    """fastseg._C, or an ExtensionUnavailableError saying why it is not there and how to build it."""
+    if _extension is None:
+        raise ExtensionUnavailableError(str(_extension_error))
+    return _extension
+
+
+def build_info() -> dict:
+    """How this fastseg was built.
+
+    Returns a dict: ``version`` (fastseg), ``torch_version`` (torch it was built against),
+    ``cuda_version`` (CUDA toolkit it was built with, None for CPU-only), ``arch_list`` (CUDA architectures,
+    None for CPU-only), ``cuda_kernels`` (whether CUDA kernels are compiled in), ``extension_loaded`` and
+    ``extension_error`` (why fastseg._C is not usable, or None).
+    """
+    if _extension is None:
+        info = {"version": __version__, "torch_version": None, "cuda_version": None, "arch_list": None,
+                "cuda_kernels": False}
+    else:
+        info = dict(_extension.build_info())
+    info["extension_loaded"] = _extension is not None
+    info["extension_error"] = None if _extension_error is None else str(_extension_error)
+    return info

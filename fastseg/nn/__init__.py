@@ -1,0 +1,5 @@
+"""Drop-in nn.Module replacements backed by fastseg ops."""
+
+from fastseg.nn.pooling import MaxPool2d, MaxUnpool2d
+
+__all__ = ["MaxPool2d", "MaxUnpool2d"]
