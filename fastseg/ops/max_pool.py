@@ -297,11 +297,16 @@ def _max_pool2d_setup_context(ctx, inputs, output):
     x, kernel_size, stride, padding, dilation, _, _ = inputs
     ctx.save_for_backward(output[1])
     ctx.params = (list(x.shape[-2:]), kernel_size, stride, padding, dilation)
+    ctx.backend = _backend.current_backend()
 
 
+# The backward runs on the backend its forward ran on: autograd runs CUDA backwards on its own thread,
+# where the caller's `fastseg.backend(...)` block is not active.
 def _max_pool2d_grad(ctx, grad_out, _grad_argmax):
     (argmax,) = ctx.saved_tensors
-    return torch.ops.fastseg.max_pool2d_backward(grad_out, argmax, *ctx.params), None, None, None, None, None, None
+    with _backend.backend(ctx.backend):
+        grad_in = torch.ops.fastseg.max_pool2d_backward(grad_out, argmax, *ctx.params)
+    return grad_in, None, None, None, None, None, None
 
 
 _max_pool2d_op.register_autograd(_max_pool2d_grad, setup_context=_max_pool2d_setup_context)
@@ -339,11 +344,14 @@ def _(grad_out, indices):
 
 def _max_unpool2d_setup_context(ctx, inputs, output):
     ctx.save_for_backward(inputs[1])
+    ctx.backend = _backend.current_backend()
 
 
 def _max_unpool2d_grad(ctx, grad_out):
     (indices,) = ctx.saved_tensors
-    return torch.ops.fastseg.max_unpool2d_backward(grad_out, indices), None, None
+    with _backend.backend(ctx.backend):
+        grad_in = torch.ops.fastseg.max_unpool2d_backward(grad_out, indices)
+    return grad_in, None, None
 
 
 _max_unpool2d_op.register_autograd(_max_unpool2d_grad, setup_context=_max_unpool2d_setup_context)

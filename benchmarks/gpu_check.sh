@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# One-shot check on a lent GPU machine (H100 / H200, no internet, no git metadata): build fastseg._C in place,
+# run the GPU tests, run the side-by-side benchmark, and leave in $OUT:
+#   gpu_check.log                   everything printed
+#   gpu-tests.xml                   pytest's junit report of `pytest -m gpu tests`
+#   <YYYY-MM-DD>-<card>-<commit>.json / .png   the results file (shared/notes/results-format.md) and its plot
+# The last lines printed are a short summary: a lent device's reply carries only the end of the output.
+#
+#   FASTSEG_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh
+#
+# Every step runs even when an earlier one failed; the script exits non-zero if any step failed.
+# To add a check, add one `run_step NAME COMMAND...` line to main, with a `timeout` that keeps the sum of the
+# limits inside the lease (about 7 minutes for the whole script on an H100).
+set -euo pipefail
+
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO_ROOT"
+OUT=${OUT:-$REPO_ROOT/gpu_check_out}
+mkdir -p "$OUT"
+PYTHON=${PYTHON:-python3}
+
+export CUDA_HOME=/usr/local/cuda FASTSEG_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
+export PYTHONUNBUFFERED=1 # progress lines reach the log as they happen, and survive a killed step
+
+# Wall-clock limits per step, in seconds: a hung step is stopped and recorded, and the later steps still run.
+# pytest and the benchmark get SIGINT first, so they still write their junit report / partial results file.
+BUILD_LIMIT_S=${BUILD_LIMIT_S:-180}
+INFO_LIMIT_S=${INFO_LIMIT_S:-60}
+TESTS_LIMIT_S=${TESTS_LIMIT_S:-90}
+BENCH_LIMIT_S=${BENCH_LIMIT_S:-200}
+# The benchmark starts no case after this many seconds; the cases left become 'skipped' rows.
+BENCH_BUDGET_S=${BENCH_BUDGET_S:-150}
+
+COMMIT=${FASTSEG_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+TESTS_XML=$OUT/gpu-tests.xml
+STEP_LINES=()
+FAILED_STEPS=0
+
+# run_step NAME COMMAND...: run COMMAND, record its exit status and duration, never stop the script.
+run_step() {
+    local name=$1 start=$SECONDS rc=0
+    shift
+    echo
+    echo "=== [$name] $*"
+    "$@" || rc=$?
+    local status=ok
+    if ((rc != 0)); then
+        status="FAILED (exit $rc)"
+        FAILED_STEPS=$((FAILED_STEPS + 1))
+    fi
+    STEP_LINES+=("$(printf '%-12s %-18s %5ds' "$name" "$status" $((SECONDS - start)))")
+    echo "=== [$name] $status after $((SECONDS - start))s"
+}
+
+print_environment() { # each line printed even when another fails; the step fails if any did
+    local rc=0
+    nvidia-smi -L || rc=$?
+    "$PYTHON" -c 'import sys, torch, triton
+print(f"python {sys.version.split()[0]} ({sys.executable}), torch {torch.__version__} (CUDA {torch.version.cuda}), "
+      f"triton {triton.__version__}, device {torch.cuda.get_device_name()}")' || rc=$?
+    "$CUDA_HOME/bin/nvcc" --version | tail -n 2 || rc=$?
+    return "$rc"
+}
+
+build_extension() {
+    timeout "$BUILD_LIMIT_S" "$PYTHON" setup.py build_ext --inplace
+}
+
+show_info() {
+    timeout "$INFO_LIMIT_S" "$PYTHON" -m fastseg info
+}
+
+run_gpu_tests() {
+    rm -f "$TESTS_XML" # a report left by an earlier run must not be counted as this one's
+    timeout --signal=INT --kill-after=15 "$TESTS_LIMIT_S" \
+        "$PYTHON" -m pytest -m gpu tests -q -rs --junitxml="$TESTS_XML"
+}
+
+# Short lower-case card name (h100, h200) for the results file name; "gpu" if fastseg cannot be imported.
+card_name() {
+    "$PYTHON" -c 'from fastseg.bench.harness import card_name; print(card_name("cuda"))' 2>/dev/null || echo gpu
+}
+
+run_benchmark() {
+    local tests_args=()
+    [[ -f $TESTS_XML ]] && tests_args=(--tests-junit "$TESTS_XML")
+    timeout --signal=INT --kill-after=30 "$BENCH_LIMIT_S" \
+        "$PYTHON" -m fastseg bench --budget-s "$BENCH_BUDGET_S" --commit "$COMMIT" \
+        --json "$RESULTS_STEM.json" --plot "$RESULTS_STEM.png" "${tests_args[@]}"
+}
+
+print_summary() {
+    echo
+    echo "===================================== gpu_check summary ====================================="
+    if [[ -f $RESULTS_STEM.json ]]; then
+        "$PYTHON" -m fastseg.bench.summary "$RESULTS_STEM.json" || echo "(could not summarize the results file)"
+        echo "results file: $RESULTS_STEM.json"
+        echo "  -> commit it as benchmarks/results/$(basename "$RESULTS_STEM.json")"
+    else
+        echo "no results file was written"
+    fi
+    echo "logs: $OUT/gpu_check.log, tests: $TESTS_XML"
+    printf '%-12s %-18s %6s\n' step status time
+    printf '%s\n' "${STEP_LINES[@]}"
+    if ((FAILED_STEPS > 0)); then
+        echo "gpu_check: $FAILED_STEPS step(s) FAILED"
+    else
+        echo "gpu_check: all steps passed"
+    fi
+}
+
+main() {
+    echo "gpu_check of fastseg commit $COMMIT in $REPO_ROOT, output in $OUT"
+    run_step environment print_environment
+    run_step build build_extension
+    run_step info show_info
+    run_step gpu-tests run_gpu_tests
+    RESULTS_STEM=$OUT/$(date -u +%F)-$(card_name)-$COMMIT
+    run_step bench run_benchmark
+    print_summary
+    ((FAILED_STEPS == 0))
+}
+
+status=0
+main 2>&1 | tee "$OUT/gpu_check.log" || status=$?
+exit "$status"
