@@ -33,7 +33,6 @@ from conftest import (
     skip_unless_backend,
     to_layout,
     torch_max_pool,
-    triton_runs_on_cpu,
     window_offsets_from_indices,
 )
 
