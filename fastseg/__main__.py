@@ -36,8 +36,11 @@ def info() -> int:
         triton_version = triton.__version__
     print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
           f"triton {triton_version}, TRITON_INTERPRET={'1' if _backend.triton_interpreting() else '0'}")
-    if torch.cuda.is_available():
-        print(f"CUDA runtime: driver sees {torch.cuda.device_count()} device(s)")
+    ext = _backend.extension()
+    if ext is not None and fastseg.build_info()["cuda_kernels"]:
+        # What the extension's own CUDA runtime sees, which is what its kernels will run on.
+        seen = ext.cuda_device_query()
+        print(f"fastseg._C CUDA devices: {seen if seen else 'none'}")
     print("devices:")
     for device in _devices():
         if device.type == "cuda":
