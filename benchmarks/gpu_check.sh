@@ -70,6 +70,29 @@ show_info() {
     timeout "$INFO_LIMIT_S" "$PYTHON" -m fastseg info
 }
 
+# On an H200 machine (torch 2.11, CC/CXX pointing at /opt/gcc) the first TORCH_CHECK failure inside the
+# extension's op killed the process with SIGSEGV instead of raising. Probe that error path in child processes,
+# on CPU and CUDA, with the compiler named, so pytest does not die on it unexplained.
+probe_error_path() {
+    local rc=0 device
+    echo "CC=${CC:-unset} CXX=${CXX:-unset}: $(${CXX:-c++} --version | head -n 1)"
+    for device in cpu cuda; do
+        timeout "$INFO_LIMIT_S" "$PYTHON" - "$device" <<'PY' || rc=$?
+import sys, torch, fastseg
+device = sys.argv[1]
+x = torch.randn(1, 1, 4, 4, device=device)
+wrong_out = torch.empty(1, 1, 3, 3, device=device)  # a 2x2/2 pool of 4x4 is 2x2
+argmax = torch.empty(1, 1, 3, 3, dtype=torch.int8, device=device)
+try:
+    torch.ops.fastseg.ext_max_pool2d_out(x, wrong_out, argmax, [2, 2], [2, 2], [0, 0], [1, 1])
+    sys.exit(f"{device}: a wrong output shape was accepted")
+except RuntimeError as err:
+    print(f"{device}: raised as it should: {str(err).splitlines()[0]}")
+PY
+    done
+    return "$rc"
+}
+
 run_gpu_tests() {
     rm -f "$TESTS_XML" # a report left by an earlier run must not be counted as this one's
     timeout --signal=INT --kill-after=15 "$TESTS_LIMIT_S" \
@@ -114,6 +137,7 @@ main() {
     run_step environment print_environment
     run_step build build_extension
     run_step info show_info
+    run_step error-path probe_error_path
     run_step gpu-tests run_gpu_tests
     RESULTS_STEM=$OUT/$(date -u +%F)-$(card_name)-$COMMIT
     run_step bench run_benchmark
