@@ -178,6 +178,11 @@ cxx_flags = [
     c_string_define("FASTSEG_CUDA_VERSION", CUDA_VERSION),
     c_string_define("FASTSEG_ARCH_LIST", ARCH_LIST),
 ]
+# at::parallel_for is a header template that runs in parallel only when the including file is compiled with
+# OpenMP (_OPENMP); without -fopenmp every CPU kernel's parallel_for silently runs on one thread. The libgomp
+# it links against is the one torch already loaded (same soname).
+if sys.platform.startswith("linux"):
+    cxx_flags.append("-fopenmp")
 # No --use_fast_math: the kernels rely on IEEE NaN/inf semantics (NaN propagation, -inf initial max).
 nvcc_flags = ["-O3", "-lineinfo"]
 
@@ -187,6 +192,7 @@ extension_kwargs = dict(
     include_dirs=[str(ROOT / "csrc")],
     define_macros=[("FASTSEG_WITH_CUDA", None)] if WITH_CUDA else [],
     extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags} if WITH_CUDA else {"cxx": cxx_flags},
+    extra_link_args=["-fopenmp"] if sys.platform.startswith("linux") else [],
 )
 if WITH_CUDA:
     extension = cpp_extension.CUDAExtension(**extension_kwargs)
