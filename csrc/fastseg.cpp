@@ -1,6 +1,6 @@
 // The schemas of every fastseg C++ op, and the Python module fastseg._C.
 //
-// The kernels live beside their math (csrc/pool/cpu, csrc/pool/cuda) and register against these schemas
+// The kernels live beside their math (csrc/pool/{cpu,cuda}, csrc/lattice/{cpu,cuda}) and register against these schemas
 // with TORCH_LIBRARY_IMPL; fake (meta) implementations are registered from Python. Importing fastseg._C
 // loads this shared library, which runs all the registrations.
 #include <torch/extension.h>
@@ -27,6 +27,34 @@ TORCH_LIBRARY(fastseg, m) {
   m.def(
       "ext_max_pool2d_backward_out(Tensor grad_out, Tensor argmax, Tensor(a!) grad_in, int[2] kernel_size, "
       "int[2] stride, int[2] padding, int[2] dilation) -> ()");
+
+  // The permutohedral lattice (csrc/lattice). ext_lattice_build turns features [B, d, N] (float32/float64, each
+  // feature already divided by its standard deviation; 1 <= d <= 32) into these tables, one lattice per image,
+  // padded over the batch to M = max(num_vertices); E = N * (d + 1):
+  //   splat_vertex   int32 [B, N, d + 1]   the d + 1 simplex vertices of each point (ids 0..num_vertices[b]-1)
+  //   splat_weight   features' dtype [B, N, d + 1]   their barycentric weights (each row sums to 1)
+  //   blur_neighbors int32 [B, d + 1, M, 2]   per direction and vertex, the two neighbours' ids; -1 when absent
+  //                                           and for padding vertices
+  //   num_vertices   int64 [B]              vertices of each image's lattice
+  //   splat_offsets  int32 [B, M + 1]       the splat as a CSR over vertices: vertex v's (point, weight) entries
+  //   splat_points   int32 [B, E]           are splat_points[b, i] and splat_points_weight[b, i] for
+  //   splat_points_weight  [B, E]           splat_offsets[b, v] <= i < splat_offsets[b, v + 1] (points
+  //                                         ascending); padding vertices have empty rows
+  // The CSR is the transpose of (splat_vertex, splat_weight): it makes the splat a gather (no atomics,
+  // deterministic). Keys are int32: a build whose coordinates would overflow raises, naming the point. Vertex
+  // numbering is the build's choice (the CPU build numbers them by first appearance); the filter does not
+  // depend on it.
+  m.def(
+      "ext_lattice_build(Tensor features) -> (Tensor splat_vertex, Tensor splat_weight, Tensor blur_neighbors, "
+      "Tensor num_vertices, Tensor splat_offsets, Tensor splat_points, Tensor splat_points_weight)");
+  // values [B, C, N] (float32/float64, any strides; the weights must have its dtype) -> [B, C, N]: splat, blur
+  // along directions 0..d with [0.5, 1, 0.5] (d..0 when reverse: the exact adjoint, for the backward), slice
+  // with alpha = 1 / (1 + 2^-d). Each point's own contribution is included. The result is channels-innermost
+  // (strides (N * C, 1, C)) when C > 1 and values.stride(1) == 1, else contiguous.
+  m.def(
+      "ext_lattice_filter(Tensor values, Tensor splat_vertex, Tensor splat_weight, Tensor blur_neighbors, "
+      "Tensor num_vertices, Tensor splat_offsets, Tensor splat_points, Tensor splat_points_weight, bool reverse) "
+      "-> Tensor");
 }
 
 namespace {

@@ -1,0 +1,603 @@
+// CPU kernels of fastseg::ext_lattice_build and fastseg::ext_lattice_filter (table format: csrc/fastseg.cpp).
+//
+// Build, per image: (1) in parallel over points, elevation, enclosing simplex and barycentric weights (the
+// shared math in lattice/lattice_math.h); (2) sequentially, the d + 1 vertex keys of every point go through an
+// open-addressing hash table (linear probing, flat int32 key storage, no allocation per point), which numbers
+// the vertices in order of first appearance (a point in the same simplex as the previous point reuses its
+// ids without hashing); (3) in parallel over vertices, the 2 (d + 1) blur neighbours are
+// looked up in the now read-only table; (4) the splat CSR (entries of each vertex in point order) by counting
+// sort. Images are built in parallel when there are several.
+//
+// Filter, per image: splat as a gather over each vertex's CSR row, d + 1 blur passes ping-ponging between
+// two [M, C] buffers, slice as a gather over each point's d + 1 vertices. Every pass is parallel over
+// vertices or points and writes only its own rows, so the result is deterministic and needs no atomics.
+// Buffers are channel-innermost, so the per-vertex loops over C vectorise; values and results in [C, N]
+// layouts move through L1-sized tiles of points.
+//
+// at::parallel_for runs in parallel only because setup.py compiles with -fopenmp (it is a header template).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <sstream>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "lattice/lattice_args.h"
+#include "lattice/lattice_math.h"
+
+namespace fastseg {
+namespace lattice {
+namespace {
+
+// Work per parallel_for chunk, in multiply-adds (about at::internal::GRAIN_SIZE).
+constexpr int64_t kWorkPerChunk = 32768;
+
+int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, kWorkPerChunk / std::max<int64_t>(1, work_per_item));
+}
+
+// Open-addressing hash set of d-coordinate int32 keys -> dense ids 0..size-1 (ids in insertion order).
+class KeyTable {
+ public:
+  KeyTable(int d, int64_t expected) : d_(d) {
+    int64_t cap = 64;
+    while (cap < 2 * expected) {
+      cap *= 2;
+    }
+    slots_.assign(cap, -1);
+    mask_ = static_cast<uint64_t>(cap - 1);
+    keys_.reserve(static_cast<size_t>(expected) * d);
+    hashes_.reserve(expected);
+  }
+
+  int32_t insert(const int32_t* key) {
+    const uint32_t h = hash_key(key, d_);
+    uint64_t s = h & mask_;
+    while (true) {
+      const int32_t id = slots_[s];
+      if (id < 0) {
+        break;
+      }
+      if (hashes_[id] == h && keys_equal(&keys_[static_cast<size_t>(id) * d_], key, d_)) {
+        return id;
+      }
+      s = (s + 1) & mask_;
+    }
+    TORCH_CHECK(hashes_.size() < static_cast<size_t>(std::numeric_limits<int32_t>::max()),
+                "lattice_build: more than 2^31 - 1 lattice vertices in one image");
+    const int32_t id = static_cast<int32_t>(hashes_.size());
+    slots_[s] = id;
+    hashes_.push_back(h);
+    keys_.insert(keys_.end(), key, key + d_);
+    if (2 * hashes_.size() > slots_.size()) {
+      grow();
+    }
+    return id;
+  }
+
+  // Read-only lookup (safe from several threads once the inserts are done): the id, or -1.
+  int32_t find(const int32_t* key) const {
+    const uint32_t h = hash_key(key, d_);
+    uint64_t s = h & mask_;
+    while (true) {
+      const int32_t id = slots_[s];
+      if (id < 0) {
+        return -1;
+      }
+      if (hashes_[id] == h && keys_equal(&keys_[static_cast<size_t>(id) * d_], key, d_)) {
+        return id;
+      }
+      s = (s + 1) & mask_;
+    }
+  }
+
+  int64_t size() const { return static_cast<int64_t>(hashes_.size()); }
+  const int32_t* key(int64_t id) const { return &keys_[static_cast<size_t>(id) * d_]; }
+
+ private:
+  void grow() {
+    const uint64_t cap = 2 * slots_.size();
+    slots_.assign(cap, -1);
+    mask_ = cap - 1;
+    for (size_t id = 0; id < hashes_.size(); ++id) {
+      uint64_t s = hashes_[id] & mask_;
+      while (slots_[s] >= 0) {
+        s = (s + 1) & mask_;
+      }
+      slots_[s] = static_cast<int32_t>(id);
+    }
+  }
+
+  int d_;
+  uint64_t mask_;
+  std::vector<int32_t> slots_;
+  std::vector<uint32_t> hashes_;
+  std::vector<int32_t> keys_;
+};
+
+// Vertex ids of points [p0, p1) in `table` (which numbers new keys in order of first appearance).
+void hash_points(const int32_t* simplex, int64_t p0, int64_t p1, int d, KeyTable& table, int32_t* vertex_out) {
+  const int d1 = d + 1;
+  int32_t key[kMaxDim];
+  for (int64_t p = p0; p < p1; ++p) {
+    const int32_t* rem0 = simplex + static_cast<size_t>(p) * 2 * d1;
+    const int32_t* rank = rem0 + d1;
+    // Neighbouring pixels often share their simplex (smooth features, large sigmas): then the ids are the
+    // previous point's, without hashing.
+    if (p > p0 && std::equal(rem0, rem0 + 2 * d1, rem0 - 2 * d1)) {
+      std::copy(vertex_out + (p - 1) * d1, vertex_out + p * d1, vertex_out + p * d1);
+      continue;
+    }
+    for (int k = 0; k <= d; ++k) {
+      vertex_key(rem0, rank, d, k, key);
+      vertex_out[p * d1 + k] = table.insert(key);
+    }
+  }
+}
+
+// Phase 1 and 2 of one image: weights and vertex ids of every point; returns the first bad point or N.
+template <typename F>
+int64_t build_points(const at::Tensor& features, int64_t b, int d, KeyTable& table, F* weight_out,
+                     int32_t* vertex_out) {
+  const int64_t N = features.size(2);
+  const int d1 = d + 1;
+  const F* f = features.const_data_ptr<F>() + b * features.stride(0);
+  const int64_t fs_d = features.stride(1), fs_n = features.stride(2);
+  double scale[kMaxDim];
+  for (int i = 0; i < d; ++i) {
+    scale[i] = elevation_scale<double>(i, d);
+  }
+  // rem0 and rank of every point, for the sequential hashing pass.
+  std::unique_ptr<int32_t[]> simplex(new int32_t[static_cast<size_t>(N) * 2 * d1]);  // no zero-fill
+  std::atomic<int64_t> bad{N};
+  at::parallel_for(0, N, grain_for(d1 * d1), [&](int64_t begin, int64_t end) {
+    double elevated[kMaxDim + 1];
+    double bary[kMaxDim + 2];
+    for (int64_t p = begin; p < end; ++p) {
+      elevate<double, F>(f + p * fs_n, fs_d, d, scale, elevated);
+      int32_t* rem0 = &simplex[static_cast<size_t>(p) * 2 * d1];
+      int32_t* rank = rem0 + d1;
+      if (!simplex_of<double>(elevated, d, rem0, rank)) {
+        int64_t cur = bad.load();
+        while (p < cur && !bad.compare_exchange_weak(cur, p)) {
+        }
+        for (int k = 0; k <= d; ++k) {  // keep the hashing pass well-defined; the build fails anyway
+          rem0[k] = 0;
+          rank[k] = k;
+        }
+        continue;
+      }
+      barycentric<double>(elevated, rem0, rank, d, bary);
+      for (int k = 0; k <= d; ++k) {
+        weight_out[p * d1 + k] = static_cast<F>(bary[k]);
+      }
+    }
+  });
+  if (bad.load() < N) {
+    return bad.load();
+  }
+  // Phase 2. Sequentially the ids are the order of first appearance. With T threads free, each hashes a
+  // contiguous chunk of points into its own table, and the chunk tables are then merged in chunk order:
+  // that numbers the vertices exactly as the sequential pass does, whatever T is.
+  const int64_t T = at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), N / 4096);
+  if (T <= 1) {
+    hash_points(simplex.get(), 0, N, d, table, vertex_out);
+    return N;
+  }
+  std::vector<KeyTable> local;
+  local.reserve(T);
+  for (int64_t t = 0; t < T; ++t) {
+    local.emplace_back(d, N / T);
+  }
+  auto chunk_begin = [&](int64_t t) { return N * t / T; };
+  at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      hash_points(simplex.get(), chunk_begin(t), chunk_begin(t + 1), d, local[t], vertex_out);
+    }
+  });
+  std::vector<std::vector<int32_t>> global_id(T);
+  for (int64_t t = 0; t < T; ++t) {
+    global_id[t].resize(local[t].size());
+    for (int64_t id = 0; id < local[t].size(); ++id) {
+      global_id[t][id] = table.insert(local[t].key(id));
+    }
+  }
+  at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int32_t* map = global_id[t].data();
+      for (int64_t e = chunk_begin(t) * d1; e < chunk_begin(t + 1) * d1; ++e) {
+        vertex_out[e] = map[vertex_out[e]];
+      }
+    }
+  });
+  return N;
+}
+
+[[noreturn]] void throw_bad_point(const at::Tensor& features, int64_t b, int64_t p) {
+  const int64_t d = features.size(1);
+  const at::Tensor point = features.select(0, b).select(1, p).to(at::kDouble).contiguous();
+  const double* v = point.const_data_ptr<double>();
+  std::ostringstream msg;
+  msg.precision(6);
+  bool finite = true;
+  double max_abs = 0;
+  msg << "(";
+  for (int64_t i = 0; i < d; ++i) {
+    msg << (i ? ", " : "") << v[i];
+    finite = finite && std::isfinite(v[i]);
+    max_abs = std::max(max_abs, std::fabs(v[i]));
+  }
+  msg << ")";
+  if (!finite) {
+    TORCH_CHECK_VALUE(false, "lattice_build: features must be finite, but image ", b, " point ", p, " has ",
+                      msg.str());
+  }
+  // |elevated| <= max|f| sqrt(2/3) (d + 1) (H_d + 1) <= max|f| sqrt(2/3) (d + 1) (2 + ln d)
+  const double safe = kMaxElevated / (0.816496580927726 * double(d + 1) * (2.0 + std::log(double(d))));
+  TORCH_CHECK_VALUE(false, "lattice_build: feature values too large for the int32 lattice keys: image ", b,
+                    " point ", p, " has features ", msg.str(), " (max |feature| ", max_abs,
+                    "); with d = ", d, " features, keep |feature| below about ", safe,
+                    ". Features are positions divided by the kernel's standard deviation (sigma): a tiny sigma "
+                    "or huge raw values (e.g. unscaled intensities or coordinates) overflow; use a larger sigma "
+                    "or rescale the features.");
+}
+
+// Phase 3 and 4 of one image, into the padded tables.
+template <typename F>
+void build_tables(const KeyTable& table, int64_t N, int d, int64_t Mmax, const int32_t* vertex, const F* weight,
+                  int32_t* neighbors, int32_t* offsets, int32_t* points, F* points_weight) {
+  const int64_t M = table.size();
+  const int d1 = d + 1;
+  at::parallel_for(0, M, grain_for(4 * d1 * d), [&](int64_t begin, int64_t end) {
+    int32_t nkey[kMaxDim];
+    for (int64_t v = begin; v < end; ++v) {
+      const int32_t* key = table.key(v);
+      for (int dir = 0; dir <= d; ++dir) {
+        for (int side = 0; side < 2; ++side) {
+          neighbour_key(key, d, dir, side, nkey);
+          neighbors[(dir * Mmax + v) * 2 + side] = table.find(nkey);
+        }
+      }
+    }
+  });
+  for (int dir = 0; dir <= d; ++dir) {  // padding vertices have no neighbours
+    std::fill(neighbors + (dir * Mmax + M) * 2, neighbors + (dir * Mmax + Mmax) * 2, -1);
+  }
+  // Counting sort of the entries (point, weight) by vertex; within a vertex, in point order.
+  const int64_t E = N * d1;
+  std::fill(offsets, offsets + Mmax + 1, 0);
+  for (int64_t e = 0; e < E; ++e) {
+    ++offsets[vertex[e] + 1];
+  }
+  for (int64_t v = 0; v < Mmax; ++v) {
+    offsets[v + 1] += offsets[v];
+  }
+  std::vector<int32_t> next(offsets, offsets + M);
+  for (int64_t p = 0; p < N; ++p) {
+    for (int k = 0; k < d1; ++k) {
+      const int32_t i = next[vertex[p * d1 + k]]++;
+      points[i] = static_cast<int32_t>(p);
+      points_weight[i] = weight[p * d1 + k];
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lattice_build_cpu(
+    const at::Tensor& features) {
+  TORCH_CHECK(features.dim() == 3, "lattice_build: features must be [B, d, N], got ", features.sizes());
+  TORCH_CHECK(features.scalar_type() == at::kFloat || features.scalar_type() == at::kDouble,
+              "lattice_build: features must be float32 or float64, got ", features.scalar_type());
+  const int64_t B = features.size(0), d64 = features.size(1), N = features.size(2);
+  TORCH_CHECK_VALUE(d64 >= 1 && d64 <= kMaxDim, "lattice_build: the feature dimension d must be in 1..", kMaxDim,
+                    ", got ", d64);
+  const int d = static_cast<int>(d64), d1 = d + 1;
+  TORCH_CHECK_VALUE(N * d1 < std::numeric_limits<int32_t>::max(), "lattice_build: N * (d + 1) = ", N * d1,
+                    " splat entries per image exceed the int32 tables");
+  const auto int_opts = features.options().dtype(at::kInt);
+  at::Tensor splat_vertex = at::empty({B, N, d1}, int_opts);
+  at::Tensor splat_weight = at::empty({B, N, d1}, features.options());
+  std::vector<KeyTable> tables;
+  tables.reserve(B);
+  for (int64_t b = 0; b < B; ++b) {
+    tables.emplace_back(d, B == 1 ? N : std::min<int64_t>(N, 1 << 16));
+  }
+  std::vector<int64_t> bad(B, N);
+  AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "ext_lattice_build_cpu", [&] {
+    auto one = [&](int64_t b) {
+      bad[b] = build_points<scalar_t>(features, b, d, tables[b], splat_weight.mutable_data_ptr<scalar_t>() + b * N * d1,
+                                      splat_vertex.mutable_data_ptr<int32_t>() + b * N * d1);
+    };
+    if (B == 1) {
+      one(0);  // the per-point pass runs in parallel
+    } else {
+      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          one(b);
+        }
+      });
+    }
+  });
+  for (int64_t b = 0; b < B; ++b) {
+    if (bad[b] < N) {
+      throw_bad_point(features, b, bad[b]);
+    }
+  }
+  int64_t Mmax = 0;
+  at::Tensor num_vertices = at::empty({B}, features.options().dtype(at::kLong));
+  for (int64_t b = 0; b < B; ++b) {
+    num_vertices.mutable_data_ptr<int64_t>()[b] = tables[b].size();
+    Mmax = std::max(Mmax, tables[b].size());
+  }
+  at::Tensor blur_neighbors = at::empty({B, d1, Mmax, 2}, int_opts);
+  at::Tensor splat_offsets = at::empty({B, Mmax + 1}, int_opts);
+  at::Tensor splat_points = at::empty({B, N * d1}, int_opts);
+  at::Tensor splat_points_weight = at::empty({B, N * d1}, features.options());
+  AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "ext_lattice_build_cpu", [&] {
+    auto one = [&](int64_t b) {
+      build_tables<scalar_t>(tables[b], N, d, Mmax, splat_vertex.const_data_ptr<int32_t>() + b * N * d1,
+                             splat_weight.const_data_ptr<scalar_t>() + b * N * d1,
+                             blur_neighbors.mutable_data_ptr<int32_t>() + b * d1 * Mmax * 2,
+                             splat_offsets.mutable_data_ptr<int32_t>() + b * (Mmax + 1),
+                             splat_points.mutable_data_ptr<int32_t>() + b * N * d1,
+                             splat_points_weight.mutable_data_ptr<scalar_t>() + b * N * d1);
+    };
+    if (B == 1) {
+      one(0);
+    } else {
+      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          one(b);
+        }
+      });
+    }
+  });
+  return {splat_vertex, splat_weight, blur_neighbors, num_vertices, splat_offsets, splat_points, splat_points_weight};
+}
+
+// Every id in the tables must be in range, or the filter would read out of bounds.
+void check_table_ids(const FilterShape& s, const at::Tensor& splat_vertex, const at::Tensor& blur_neighbors,
+                     const at::Tensor& num_vertices, const at::Tensor& splat_offsets, const at::Tensor& splat_points) {
+  const int64_t d1 = s.d + 1, E = s.N * d1;
+  const int64_t* nv = num_vertices.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < s.B; ++b) {
+    TORCH_CHECK(nv[b] >= 0 && nv[b] <= s.Mmax, "lattice_filter: num_vertices[", b, "] = ", nv[b],
+                " is outside 0..", s.Mmax);
+    const int32_t M = static_cast<int32_t>(nv[b]);
+    const int32_t N = static_cast<int32_t>(s.N);
+    const int32_t* vtx = splat_vertex.const_data_ptr<int32_t>() + b * E;
+    const int32_t* nbr = blur_neighbors.const_data_ptr<int32_t>() + b * d1 * s.Mmax * 2;
+    const int32_t* off = splat_offsets.const_data_ptr<int32_t>() + b * (s.Mmax + 1);
+    const int32_t* pts = splat_points.const_data_ptr<int32_t>() + b * E;
+    std::atomic<bool> ok{true};
+    at::parallel_for(0, E, kWorkPerChunk, [&](int64_t begin, int64_t end) {
+      bool good = true;
+      for (int64_t e = begin; e < end; ++e) {
+        good &= (vtx[e] >= 0) & (vtx[e] < M) & (pts[e] >= 0) & (pts[e] < N);
+      }
+      if (!good) {
+        ok = false;
+      }
+    });
+    TORCH_CHECK(ok.load(), "lattice_filter: image ", b, ": splat_vertex or splat_points holds an id out of range");
+    bool good = true;
+    for (int64_t dir = 0; dir < d1; ++dir) {
+      const int32_t* n = nbr + dir * s.Mmax * 2;
+      for (int64_t i = 0; i < 2 * int64_t(M); ++i) {
+        good &= (n[i] >= -1) & (n[i] < M);
+      }
+    }
+    TORCH_CHECK(good, "lattice_filter: image ", b, ": blur_neighbors holds an id out of range");
+    good = off[0] == 0 && off[M] == E;
+    for (int64_t v = 0; v < M && good; ++v) {
+      good = off[v] <= off[v + 1];
+    }
+    TORCH_CHECK(good, "lattice_filter: image ", b, ": splat_offsets is not a CSR row index over ", E, " entries");
+  }
+}
+
+// dst[j] = scale * sum_i w[i] * x[idx[i] * stride + j] for j < CB: CB accumulators stay in registers.
+template <int CB, typename S, typename A, typename W>
+inline void gather_block(A* __restrict dst, const S* __restrict x, int64_t stride, const int32_t* __restrict idx,
+                         const W* __restrict w, int64_t count, A scale) {
+  A acc[CB];
+  for (int j = 0; j < CB; ++j) {
+    acc[j] = A(0);
+  }
+  for (int64_t i = 0; i < count; ++i) {
+    const S* __restrict xp = x + static_cast<int64_t>(idx[i]) * stride;
+    const A wi = static_cast<A>(w[i]);
+    for (int j = 0; j < CB; ++j) {
+      acc[j] += wi * static_cast<A>(xp[j]);
+    }
+  }
+  for (int j = 0; j < CB; ++j) {
+    dst[j] = scale * acc[j];
+  }
+}
+
+// A whole row of C channels: blocks of 8, then one block of the remaining 1..7 (each a compile-time size,
+// so every pass over the index list keeps its accumulators in registers).
+template <typename S, typename A, typename W>
+inline void gather_row(A* __restrict dst, const S* __restrict x, int64_t C, const int32_t* idx, const W* w,
+                       int64_t count, A scale) {
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) {
+    gather_block<8>(dst + c, x + c, C, idx, w, count, scale);
+  }
+  switch (C - c) {
+    case 7: gather_block<7>(dst + c, x + c, C, idx, w, count, scale); break;
+    case 6: gather_block<6>(dst + c, x + c, C, idx, w, count, scale); break;
+    case 5: gather_block<5>(dst + c, x + c, C, idx, w, count, scale); break;
+    case 4: gather_block<4>(dst + c, x + c, C, idx, w, count, scale); break;
+    case 3: gather_block<3>(dst + c, x + c, C, idx, w, count, scale); break;
+    case 2: gather_block<2>(dst + c, x + c, C, idx, w, count, scale); break;
+    case 1: gather_block<1>(dst + c, x + c, C, idx, w, count, scale); break;
+    default: break;
+  }
+}
+
+// Points per tile when moving between [C, N] and [N, C] layouts: a tile of kTile x C stays in L1.
+constexpr int64_t kTile = 64;
+
+// rows[p, c] = x[c * sc + p * sn] for one image, in tiles of kTile points.
+template <typename scalar_t>
+void gather_rows(const scalar_t* x, int64_t sc, int64_t sn, int64_t C, int64_t N, scalar_t* rows) {
+  at::parallel_for(0, (N + kTile - 1) / kTile, grain_for(kTile * C), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t p0 = t * kTile, p1 = std::min(N, p0 + kTile);
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t* xc = x + c * sc;
+        for (int64_t p = p0; p < p1; ++p) {
+          rows[p * C + c] = xc[p * sn];
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void filter_impl(const FilterShape& s, const at::Tensor& values, const at::Tensor& splat_vertex,
+                 const at::Tensor& splat_weight, const at::Tensor& blur_neighbors, const at::Tensor& num_vertices,
+                 const at::Tensor& splat_offsets, const at::Tensor& splat_points,
+                 const at::Tensor& splat_points_weight, bool reverse, const at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = s.B, C = s.C, N = s.N, Mmax = s.Mmax;
+  const int d = static_cast<int>(s.d), d1 = d + 1;
+  const acc_t alpha = slice_alpha<acc_t>(d);
+  // Points as rows of C channels: read in place when the values already are, else one tiled transpose.
+  const bool rows_in = values.stride(1) == 1 && (values.stride(2) == C || N == 1);
+  std::vector<scalar_t> x_rows(rows_in ? 0 : static_cast<size_t>(N) * C);
+  std::vector<acc_t> buf0(static_cast<size_t>(Mmax) * C), buf1(static_cast<size_t>(Mmax) * C);
+  const scalar_t* values_data = values.const_data_ptr<scalar_t>();
+  scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
+  const int64_t out_sc = out.stride(1), out_sn = out.stride(2);
+  const bool rows_out = out_sc == 1 && (out_sn == C || N == 1);
+
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t M = num_vertices.const_data_ptr<int64_t>()[b];
+    const scalar_t* x = values_data + b * values.stride(0);
+    if (!rows_in) {
+      gather_rows(x, values.stride(1), values.stride(2), C, N, x_rows.data());
+      x = x_rows.data();
+    }
+    const int32_t* vertex = splat_vertex.const_data_ptr<int32_t>() + b * N * d1;
+    const scalar_t* weight = splat_weight.const_data_ptr<scalar_t>() + b * N * d1;
+    const int32_t* nbr = blur_neighbors.const_data_ptr<int32_t>() + b * d1 * Mmax * 2;
+    const int32_t* offsets = splat_offsets.const_data_ptr<int32_t>() + b * (Mmax + 1);
+    const int32_t* points = splat_points.const_data_ptr<int32_t>() + b * N * d1;
+    const scalar_t* points_weight = splat_points_weight.const_data_ptr<scalar_t>() + b * N * d1;
+    acc_t* src = buf0.data();
+    acc_t* dst = buf1.data();
+
+    // Splat: a gather over each vertex's (point, weight) entries.
+    at::parallel_for(0, M, grain_for(2 * C * d1), [&](int64_t begin, int64_t end) {
+      for (int64_t v = begin; v < end; ++v) {
+        const int32_t first = offsets[v];
+        gather_row(src + v * C, x, C, points + first, points_weight + first, offsets[v + 1] - first, acc_t(1));
+      }
+    });
+
+    // Blur: v += 0.5 (v[n1] + v[n2]) along each direction in turn (reverse order for the adjoint).
+    for (int step = 0; step <= d; ++step) {
+      const int dir = reverse ? d - step : step;
+      const int32_t* n = nbr + static_cast<int64_t>(dir) * Mmax * 2;
+      const acc_t* __restrict in = src;
+      acc_t* __restrict o_all = dst;
+      at::parallel_for(0, M, grain_for(3 * C), [&](int64_t begin, int64_t end) {
+        for (int64_t v = begin; v < end; ++v) {
+          const int32_t n1 = n[2 * v], n2 = n[2 * v + 1];
+          const acc_t* __restrict a = in + v * C;
+          acc_t* __restrict o = o_all + v * C;
+          if (n1 >= 0 && n2 >= 0) {
+            const acc_t* __restrict p1 = in + int64_t(n1) * C;
+            const acc_t* __restrict p2 = in + int64_t(n2) * C;
+            for (int64_t c = 0; c < C; ++c) {
+              o[c] = a[c] + acc_t(0.5) * (p1[c] + p2[c]);
+            }
+          } else if (n1 >= 0 || n2 >= 0) {
+            const acc_t* __restrict p1 = in + int64_t(n1 >= 0 ? n1 : n2) * C;
+            for (int64_t c = 0; c < C; ++c) {
+              o[c] = a[c] + acc_t(0.5) * p1[c];
+            }
+          } else {
+            for (int64_t c = 0; c < C; ++c) {
+              o[c] = a[c];
+            }
+          }
+        }
+      });
+      std::swap(src, dst);
+    }
+
+    // Slice: a gather over each point's simplex vertices, scaled by alpha, a tile of points at a time; the
+    // tile goes out transposed unless the output is [N, C] rows too.
+    scalar_t* ob = out_data + b * out.stride(0);
+    at::parallel_for(0, (N + kTile - 1) / kTile, grain_for(kTile * C * d1), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> tile(static_cast<size_t>(kTile) * C);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t p0 = t * kTile, p1 = std::min(N, p0 + kTile);
+        if constexpr (std::is_same_v<acc_t, scalar_t>) {
+          if (rows_out) {
+            for (int64_t p = p0; p < p1; ++p) {
+              gather_row(ob + p * C, src, C, vertex + p * d1, weight + p * d1, d1, alpha);
+            }
+            continue;
+          }
+        }
+        for (int64_t p = p0; p < p1; ++p) {
+          gather_row(tile.data() + (p - p0) * C, src, C, vertex + p * d1, weight + p * d1, d1, alpha);
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          scalar_t* oc = ob + c * out_sc;
+          for (int64_t p = p0; p < p1; ++p) {
+            oc[p * out_sn] = static_cast<scalar_t>(tile[(p - p0) * C + c]);
+          }
+        }
+      }
+    });
+  }
+}
+
+at::Tensor lattice_filter_cpu(const at::Tensor& values, const at::Tensor& splat_vertex,
+                              const at::Tensor& splat_weight, const at::Tensor& blur_neighbors,
+                              const at::Tensor& num_vertices, const at::Tensor& splat_offsets,
+                              const at::Tensor& splat_points, const at::Tensor& splat_points_weight, bool reverse) {
+  const FilterShape s = check_filter_args(values, splat_vertex, splat_weight, blur_neighbors, num_vertices,
+                                          splat_offsets, splat_points, splat_points_weight);
+  // Channels-innermost values give a channels-innermost result (no transposes in a loop that keeps that
+  // layout); anything else gives a contiguous [B, C, N].
+  const bool channels_innermost = s.C > 1 && values.stride(1) == 1;
+  at::Tensor out = channels_innermost ? at::empty({s.B, s.N, s.C}, values.options()).transpose(1, 2)
+                                      : at::empty({s.B, s.C, s.N}, values.options());
+  if (out.numel() > 0) {
+    const at::Tensor sv = splat_vertex.contiguous(), sw = splat_weight.contiguous(),
+                     bn = blur_neighbors.contiguous(), nv = num_vertices.cpu().contiguous(),
+                     so = splat_offsets.contiguous(), sp = splat_points.contiguous(),
+                     spw = splat_points_weight.contiguous();
+    check_table_ids(s, sv, bn, nv, so, sp);
+    AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "ext_lattice_filter_cpu", [&] {
+      filter_impl<scalar_t>(s, values, sv, sw, bn, nv, so, sp, spw, reverse, out);
+    });
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace lattice
+}  // namespace fastseg
+
+TORCH_LIBRARY_IMPL(fastseg, CPU, m) {
+  m.impl("ext_lattice_build", &fastseg::lattice::lattice_build_cpu);
+  m.impl("ext_lattice_filter", &fastseg::lattice::lattice_filter_cpu);
+}
