@@ -21,6 +21,7 @@ import fastseg
 from fastseg.bench import harness
 
 OP_GROUPS = {
+    "crf": "fastseg.bench.crf",
     "max_pool": "fastseg.bench.max_pool",
 }
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}

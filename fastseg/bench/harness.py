@@ -132,8 +132,9 @@ class Workload:
     # The fewest bytes fastseg's version must move: each input read once, each output written once
     # (with fastseg's own index encoding). Achieved GB/s = this / fastseg's time.
     fastseg_bytes: int
-    # Raises (AssertionError) if fastseg's result is not the reference's result.
-    check: Callable[[Any, Any], None]
+    # Raises (AssertionError) if fastseg's result is not the reference's result; may return a note for the row
+    # (e.g. how closely an approximate result agrees).
+    check: Callable[[Any, Any], str | None]
     # Forwards run under autograd whose saved tensors are counted (training cases only).
     reference_forward_for_backward: Callable[[], Any] | None = None
     fastseg_forward_for_backward: Callable[[], Any] | None = None
@@ -274,7 +275,9 @@ def run_case(case: Case, device: torch.device, fastseg_context: Callable[[], Con
     fastseg = measure(workload.fastseg, workload.fastseg_forward_for_backward, device, fastseg_context)
     if reference.result is not None and fastseg.result is not None:
         try:
-            workload.check(reference.result, fastseg.result)
+            note = workload.check(reference.result, fastseg.result)
+            if isinstance(note, str) and note:  # a check may describe how close the results are
+                row.notes.append(note)
         except AssertionError as mismatch:
             row.notes.append(f"MISMATCH vs {case.reference}: {describe_error(mismatch)}")
     fastseg_bytes = workload.fastseg_bytes
