@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fastseg.bench import crf
+from conftest import run_benchmark
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SIZES = (256, 512) if DEVICE.type == "cuda" else (256,)
@@ -22,25 +23,12 @@ else:
     REFERENCE = None
 
 
-def run_benchmark(benchmark, fn):
-    fn()
-    if DEVICE.type != "cuda":
-        return benchmark(fn)
-
-    def synchronized():
-        result = fn()
-        torch.cuda.synchronize(DEVICE)
-        return result
-
-    return benchmark(synchronized)
-
-
 @pytest.mark.skipif(REFERENCE is None, reason="pydensecrf is not installed (pip install pydensecrf2)")
 @pytest.mark.parametrize("implementation", ["reference", "fastseg"])
 @pytest.mark.parametrize("size", SIZES)
 def test_dense_crf(benchmark, size, implementation):
     benchmark.group = f"dense_crf {size}x{size}, {crf.LABELS} labels, {crf.ITERATIONS} it"
     workload = crf.crf_workload(size, DEVICE, REFERENCE)
-    result = run_benchmark(benchmark, workload.reference if implementation == "reference" else workload.fastseg)
+    result = run_benchmark(benchmark, workload.reference if implementation == "reference" else workload.fastseg, DEVICE)
     if implementation == "fastseg":
         workload.check(workload.reference(), result)

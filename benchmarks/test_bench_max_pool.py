@@ -13,6 +13,7 @@ import torch
 
 from fastseg.bench import max_pool
 from fastseg.bench.max_pool import FORWARD, FORWARD_BACKWARD, FORWARD_WITH_INDICES, HALVING, RESNET_STEM
+from conftest import run_benchmark
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
@@ -26,20 +27,6 @@ else:
 IMPLEMENTATIONS = ("torch", "fastseg")
 
 
-def run_benchmark(benchmark, fn):
-    """Time fn under pytest-benchmark and return its result; the first call (compilation) is not timed."""
-    fn()
-    if DEVICE.type != "cuda":
-        return benchmark(fn)
-
-    def synchronized():
-        result = fn()
-        torch.cuda.synchronize(DEVICE)
-        return result
-
-    return benchmark(synchronized)
-
-
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("mode", [FORWARD, FORWARD_WITH_INDICES, FORWARD_BACKWARD])
 @pytest.mark.parametrize("layout", max_pool.LAYOUTS)
@@ -49,7 +36,7 @@ def test_max_pool2d(benchmark, shape, window, layout, mode, implementation):
     benchmark.group = f"max_pool2d {max_pool.format_shape(shape)} {window} {layout} {mode}"
     benchmark.extra_info["fastseg_min_bytes"] = workload.fastseg_bytes
     fn = workload.fastseg if implementation == "fastseg" else workload.reference
-    result = run_benchmark(benchmark, fn)
+    result = run_benchmark(benchmark, fn, DEVICE)
     if implementation == "fastseg":
         workload.check(workload.reference(), result)
 
@@ -62,6 +49,6 @@ def test_max_unpool2d(benchmark, shape, layout, implementation):
     benchmark.group = f"max_unpool2d {max_pool.format_shape(shape)} {layout}"
     benchmark.extra_info["fastseg_min_bytes"] = workload.fastseg_bytes
     fn = workload.fastseg if implementation == "fastseg" else workload.reference
-    result = run_benchmark(benchmark, fn)
+    result = run_benchmark(benchmark, fn, DEVICE)
     if implementation == "fastseg":
         workload.check(workload.reference(), result)
