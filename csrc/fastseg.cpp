@@ -1,8 +1,8 @@
 // The schemas of every fastseg C++ op, and the Python module fastseg._C.
 //
-// The kernels live beside their math (csrc/pool/{cpu,cuda}, csrc/lattice/{cpu,cuda}) and register against these schemas
-// with TORCH_LIBRARY_IMPL; fake (meta) implementations are registered from Python. Importing fastseg._C
-// loads this shared library, which runs all the registrations.
+// The kernels live beside their math (csrc/pool/{cpu,cuda}, csrc/lattice/{cpu,cuda}, csrc/crf/cpu) and register
+// against these schemas with TORCH_LIBRARY_IMPL; fake (meta) implementations are registered from Python.
+// Importing fastseg._C loads this shared library, which runs all the registrations.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -55,6 +55,21 @@ TORCH_LIBRARY(fastseg, m) {
       "ext_lattice_filter(Tensor values, Tensor splat_vertex, Tensor splat_weight, Tensor blur_neighbors, "
       "Tensor num_vertices, Tensor splat_offsets, Tensor splat_points, Tensor splat_points_weight, bool reverse) "
       "-> Tensor");
+
+  // ext_lattice_filter with per-point scales (CPU): out = slice_scale * filter(splat_scale * values), each
+  // scale [B, N] of the values' dtype or None (1). The CRF's inference path folds its normalisations and
+  // Potts weights into them. Not differentiable (the CRF's autograd path uses ext_lattice_filter).
+  m.def(
+      "ext_lattice_filter_scaled(Tensor values, Tensor? splat_scale, Tensor? slice_scale, Tensor splat_vertex, "
+      "Tensor splat_weight, Tensor blur_neighbors, Tensor num_vertices, Tensor splat_offsets, Tensor splat_points, "
+      "Tensor splat_points_weight, bool reverse) -> Tensor");
+
+  // One dense-CRF mean-field update (csrc/crf), inference only (no autograd; fastseg/ops/crf.py uses it when
+  // nothing requires grad): logits [B, N, L] (float32/float64, labels innermost) and K messages [B, N, L] of
+  // the logits' dtype (any batch/point strides) with compat[k] None (the message is added as is: an already
+  // weighted Potts message) or an [L, L] matrix M_k (M_k m_k is subtracted). Returns the contiguous [B, N, L]
+  //   Q = softmax over L of (logits + sum_{Potts k} m_k - sum_{matrix k} M_k m_k).
+  m.def("ext_crf_update(Tensor logits, Tensor[] messages, Tensor?[] compat) -> Tensor");
 }
 
 namespace {

@@ -33,6 +33,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from fastseg import _backend
+
 # --- the lattice --------------------------------------------------------------------------------------------
 
 
@@ -127,10 +129,105 @@ class PairwiseTerm:
         return torch.add(acc, filtered, alpha=c)
 
 
+# --- the fused inference path (CPU extension, no autograd) ------------------------------------------------
+
+
+def _fused_ops_available() -> bool:
+    return _backend.extension() is not None and hasattr(torch.ops.fastseg, "ext_crf_update") and hasattr(
+        torch.ops.fastseg, "ext_lattice_filter_scaled")
+
+
+def _register_extension_fakes() -> None:
+    if not _fused_ops_available():
+        return
+
+    @torch.library.register_fake("fastseg::ext_crf_update")
+    def _(logits, messages, compat):
+        return logits.new_empty(logits.shape)
+
+    @torch.library.register_fake("fastseg::ext_lattice_filter_scaled")
+    def _(values, splat_scale, slice_scale, *tables_and_reverse):
+        from fastseg.ops.lattice import _filter_result_like
+
+        return _filter_result_like(values)
+
+
+_register_extension_fakes()
+
+
+def _can_fuse(logits: Tensor, terms: Sequence[PairwiseTerm]) -> bool:
+    """The fused update serves inference: CPU tensors, the extension selected for the lattice, real
+    PermutohedralLattices (tests substitute exact filters), and nothing that autograd would have to reach."""
+    from fastseg.ops.lattice import PermutohedralLattice
+
+    if logits.device.type != "cpu" or logits.dtype not in (torch.float32, torch.float64):
+        return False
+    if not _fused_ops_available() or _backend.select("permutohedral_lattice", logits.device) != "extension":
+        return False
+    if torch.is_grad_enabled() and (logits.requires_grad or any(
+            isinstance(t.compat, Tensor) and t.compat.requires_grad for t in terms)):
+        return False
+    return all(type(t.lattice) is PermutohedralLattice and t.lattice.device == logits.device for t in terms)
+
+
+class _FusedTerm:
+    """A PairwiseTerm's filter with its normalisations and a Potts weight as the per-point scales of
+    ext_lattice_filter_scaled: splat_scale = pre, slice_scale = post * w, so one filter call gives
+    w post K (pre q) (Potts) or post K (pre q) (a matrix compat, applied by ext_crf_update)."""
+
+    def __init__(self, term: PairwiseTerm, dtype: torch.dtype):
+        self.tables = term.lattice._tables_for(dtype)
+        c = term.compat
+        if isinstance(c, Tensor) and c.dim() == 0:
+            c = float(c)
+        self.compat = None
+        weight = 1.0
+        if isinstance(c, Tensor):
+            c = c.to(dtype)
+            self.compat = (torch.diag(c) if c.dim() == 1 else c).contiguous()
+        else:
+            weight = float(c)
+        n = term.lattice.num_points
+        self.pre = None if term.pre is None else term.pre.to(dtype).reshape(-1, n).contiguous()
+        post = term.post
+        if post is None and weight != 1.0:
+            post = torch.ones(self.tables[0].shape[0], n, dtype=dtype, device=self.tables[0].device)
+        self.post = None if post is None else (post.to(dtype).reshape(-1, n) * weight).contiguous()
+        self.shared = term.shared
+
+    def _filter(self, values: Tensor) -> Tensor:
+        return torch.ops.fastseg.ext_lattice_filter_scaled(values, self.pre, self.post, *self.tables, False)
+
+    def message(self, q: Tensor) -> Tensor:
+        """The term's message for points-major q [B, N, L], as a [B, N, L] view with unit label stride."""
+        B, N, L = q.shape
+        if self.shared and B > 1:
+            folded = q.permute(1, 0, 2).reshape(1, N, B * L)
+            out = self._filter(folded.transpose(1, 2))
+            return out.transpose(1, 2).reshape(N, B, L).permute(1, 0, 2)
+        return self._filter(q.transpose(1, 2)).transpose(1, 2)
+
+
+def _mean_field_fused(logits: Tensor, terms: Sequence[PairwiseTerm], iterations: int) -> Tensor:
+    """mean_field with every update one ext_crf_update call over the terms' scaled filters."""
+    fused = [_FusedTerm(t, logits.dtype) for t in terms]
+    compat = [f.compat for f in fused]
+    q = torch.ops.fastseg.ext_crf_update(logits, [], [])
+    for _ in range(iterations):
+        q = torch.ops.fastseg.ext_crf_update(logits, [f.message(q) for f in fused], compat)
+    return q.transpose(1, 2)
+
+
 def mean_field(logits: Tensor, terms: Sequence[PairwiseTerm], iterations: int) -> Tensor:
     """pydensecrf's inference over [B, L, N] logits (= -U): Q0 = softmax(logits), then `iterations` updates
-    Q = softmax(logits - sum_k mu_k(Ktilde_k Q)). Returns Q [B, L, N] (a view with unit label stride)."""
+    Q = softmax(logits - sum_k mu_k(Ktilde_k Q)). Returns Q [B, L, N] (a view with unit label stride).
+
+    On the CPU with the extension, when nothing requires grad (inference), each update is one fused C++ pass
+    (ext_crf_update) over filters that apply the normalisations and Potts weights as per-point scales inside
+    the splat and slice (ext_lattice_filter_scaled); otherwise the differentiable torch loop below runs."""
     logits = logits.transpose(1, 2).contiguous()  # points-major [B, N, L]
+    if _can_fuse(logits, terms):
+        return _mean_field_fused(logits, terms, iterations)
     q = torch.softmax(logits, dim=-1)
     for _ in range(iterations):
         tmp = logits

@@ -8,9 +8,12 @@
 // looked up in the now read-only table; (4) the splat CSR (entries of each vertex in point order) by counting
 // sort. Images are built in parallel when there are several.
 //
-// Filter, per image: splat as a gather over each vertex's CSR row, d + 1 blur passes ping-ponging between
-// two [M, C] buffers, slice as a gather over each point's d + 1 vertices. Every pass is parallel over
-// vertices or points and writes only its own rows, so the result is deterministic and needs no atomics.
+// Filter, per image: splat as a scatter of each point's row into its d + 1 vertices (points in order, one
+// private [M, C] buffer per contiguous chunk of points, the chunks fixed by N and summed in chunk order: the
+// values are read sequentially; the CSR tables serve the CUDA kernel's gather), d + 1 blur passes
+// ping-ponging between two [M, C] buffers, slice as a gather over each point's d + 1 vertices. The blur and
+// slice are parallel over vertices or points and write only their own rows; the result is deterministic
+// (the same bits for any thread count) and needs no atomics.
 // Buffers are channel-innermost, so the per-vertex loops over C vectorise; values and results in [C, N]
 // layouts move through L1-sized tiles of points.
 //
@@ -447,6 +450,18 @@ inline void gather_row(A* __restrict dst, const S* __restrict x, int64_t C, cons
   }
 }
 
+// The splat scatters chunks of at least kSplatChunkPoints points, at most kMaxSplatChunks of them, each into
+// its own [M, C] buffer (more chunks: more parallelism, more buffers to clear and sum).
+constexpr int64_t kSplatChunkPoints = 65536;
+constexpr int64_t kMaxSplatChunks = 4;
+
+// The filter's scratch buffer i of the calling thread.
+template <typename A>
+std::vector<A>& scratch(int i) {
+  thread_local std::vector<A> buffers[3];
+  return buffers[i];
+}
+
 // Points per tile when moving between [C, N] and [N, C] layouts: a tile of kTile x C stays in L1.
 constexpr int64_t kTile = 64;
 
@@ -470,7 +485,8 @@ template <typename scalar_t>
 void filter_impl(const FilterShape& s, const at::Tensor& values, const at::Tensor& splat_vertex,
                  const at::Tensor& splat_weight, const at::Tensor& blur_neighbors, const at::Tensor& num_vertices,
                  const at::Tensor& splat_offsets, const at::Tensor& splat_points,
-                 const at::Tensor& splat_points_weight, bool reverse, const at::Tensor& out) {
+                 const at::Tensor& splat_points_weight, bool reverse, const at::Tensor& out,
+                 const scalar_t* splat_scale = nullptr, const scalar_t* slice_scale = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = s.B, C = s.C, N = s.N, Mmax = s.Mmax;
   const int d = static_cast<int>(s.d), d1 = d + 1;
@@ -478,7 +494,16 @@ void filter_impl(const FilterShape& s, const at::Tensor& values, const at::Tenso
   // Points as rows of C channels: read in place when the values already are, else one tiled transpose.
   const bool rows_in = values.stride(1) == 1 && (values.stride(2) == C || N == 1);
   std::vector<scalar_t> x_rows(rows_in ? 0 : static_cast<size_t>(N) * C);
-  std::vector<acc_t> buf0(static_cast<size_t>(Mmax) * C), buf1(static_cast<size_t>(Mmax) * C);
+  // Scratch buffers kept by the calling thread between calls (they grow, never shrink): fresh multi-megabyte
+  // allocations every call cost more in page faults than the blur itself. Every pass writes the rows it reads.
+  std::vector<acc_t>& buf0 = scratch<acc_t>(0);
+  std::vector<acc_t>& buf1 = scratch<acc_t>(1);
+  std::vector<acc_t>& priv = scratch<acc_t>(2);  // the splat's buffers beyond the first chunk's
+  for (std::vector<acc_t>* v : {&buf0, &buf1}) {
+    if (v->size() < static_cast<size_t>(Mmax) * C) {
+      v->resize(static_cast<size_t>(Mmax) * C);
+    }
+  }
   const scalar_t* values_data = values.const_data_ptr<scalar_t>();
   scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
   const int64_t out_sc = out.stride(1), out_sn = out.stride(2);
@@ -500,13 +525,54 @@ void filter_impl(const FilterShape& s, const at::Tensor& values, const at::Tenso
     acc_t* src = buf0.data();
     acc_t* dst = buf1.data();
 
-    // Splat: a gather over each vertex's (point, weight) entries.
-    at::parallel_for(0, M, grain_for(2 * C * d1), [&](int64_t begin, int64_t end) {
-      for (int64_t v = begin; v < end; ++v) {
-        const int32_t first = offsets[v];
-        gather_row(src + v * C, x, C, points + first, points_weight + first, offsets[v + 1] - first, acc_t(1));
+    const scalar_t* pre = splat_scale == nullptr ? nullptr : splat_scale + b * N;
+    const scalar_t* post = slice_scale == nullptr ? nullptr : slice_scale + b * N;
+
+    // Splat: a scatter of each point's row into its d + 1 vertices, reading the values in point order (the
+    // CSR gather reads them in vertex order: a cache miss per entry when a vertex's points lie far apart, as
+    // with a bilateral kernel's colour features). T contiguous chunks of points scatter into T private
+    // buffers, summed in chunk order: deterministic for a given thread count, no atomics.
+    (void)offsets;
+    (void)points;
+    (void)points_weight;
+    // The chunk count depends on N alone (not on the thread count), so the sums are the same bits whatever
+    // the number of threads.
+    const int64_t T = std::clamp<int64_t>(N / kSplatChunkPoints, 1, kMaxSplatChunks);
+    if (static_cast<int64_t>(priv.size()) < (T - 1) * M * C) {
+      priv.resize(static_cast<size_t>((T - 1) * M * C));
+    }
+    auto scatter = [&](acc_t* __restrict acc, int64_t p0, int64_t p1) {
+      std::fill(acc, acc + M * C, acc_t(0));
+      for (int64_t p = p0; p < p1; ++p) {
+        const scalar_t* __restrict xp = x + p * C;
+        const acc_t s = pre == nullptr ? acc_t(1) : static_cast<acc_t>(pre[p]);
+        for (int k = 0; k < d1; ++k) {
+          acc_t* __restrict o = acc + static_cast<int64_t>(vertex[p * d1 + k]) * C;
+          const acc_t w = s * static_cast<acc_t>(weight[p * d1 + k]);
+          for (int64_t c = 0; c < C; ++c) {
+            o[c] += w * static_cast<acc_t>(xp[c]);
+          }
+        }
       }
-    });
+    };
+    if (T == 1) {
+      scatter(src, 0, N);
+    } else {
+      at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          scatter(t == 0 ? src : priv.data() + (t - 1) * M * C, N * t / T, N * (t + 1) / T);
+        }
+      });
+      at::parallel_for(0, M, grain_for(T * C), [&](int64_t begin, int64_t end) {
+        for (int64_t t = 1; t < T; ++t) {
+          const acc_t* __restrict part = priv.data() + (t - 1) * M * C;
+          acc_t* __restrict total = src;
+          for (int64_t i = begin * C; i < end * C; ++i) {
+            total[i] += part[i];
+          }
+        }
+      });
+    }
 
     // Blur: v += 0.5 (v[n1] + v[n2]) along each direction in turn (reverse order for the adjoint).
     for (int step = 0; step <= d; ++step) {
@@ -550,13 +616,15 @@ void filter_impl(const FilterShape& s, const at::Tensor& values, const at::Tenso
         if constexpr (std::is_same_v<acc_t, scalar_t>) {
           if (rows_out) {
             for (int64_t p = p0; p < p1; ++p) {
-              gather_row(ob + p * C, src, C, vertex + p * d1, weight + p * d1, d1, alpha);
+              const acc_t a = post == nullptr ? alpha : alpha * static_cast<acc_t>(post[p]);
+              gather_row(ob + p * C, src, C, vertex + p * d1, weight + p * d1, d1, a);
             }
             continue;
           }
         }
         for (int64_t p = p0; p < p1; ++p) {
-          gather_row(tile.data() + (p - p0) * C, src, C, vertex + p * d1, weight + p * d1, d1, alpha);
+          const acc_t a = post == nullptr ? alpha : alpha * static_cast<acc_t>(post[p]);
+          gather_row(tile.data() + (p - p0) * C, src, C, vertex + p * d1, weight + p * d1, d1, a);
         }
         for (int64_t c = 0; c < C; ++c) {
           scalar_t* oc = ob + c * out_sc;
@@ -567,6 +635,47 @@ void filter_impl(const FilterShape& s, const at::Tensor& values, const at::Tenso
       }
     });
   }
+}
+
+// A per-point scale [B, N] of the values' dtype and device, or undefined.
+at::Tensor check_point_scale(const std::optional<at::Tensor>& scale, const at::Tensor& values, const char* what) {
+  if (!scale.has_value() || !scale->defined()) {
+    return at::Tensor();
+  }
+  TORCH_CHECK(scale->dim() == 2 && scale->size(0) == values.size(0) && scale->size(1) == values.size(2),
+              "lattice_filter_scaled: ", what, " must be [B, N] = [", values.size(0), ", ", values.size(2), "], got ",
+              scale->sizes());
+  TORCH_CHECK(scale->scalar_type() == values.scalar_type() && scale->device() == values.device(),
+              "lattice_filter_scaled: ", what, " must have the values' dtype and device");
+  return scale->contiguous();
+}
+
+at::Tensor lattice_filter_scaled_cpu(const at::Tensor& values, const std::optional<at::Tensor>& splat_scale,
+                                     const std::optional<at::Tensor>& slice_scale, const at::Tensor& splat_vertex,
+                                     const at::Tensor& splat_weight, const at::Tensor& blur_neighbors,
+                                     const at::Tensor& num_vertices, const at::Tensor& splat_offsets,
+                                     const at::Tensor& splat_points, const at::Tensor& splat_points_weight,
+                                     bool reverse) {
+  const FilterShape s = check_filter_args(values, splat_vertex, splat_weight, blur_neighbors, num_vertices,
+                                          splat_offsets, splat_points, splat_points_weight);
+  const at::Tensor pre = check_point_scale(splat_scale, values, "splat_scale");
+  const at::Tensor post = check_point_scale(slice_scale, values, "slice_scale");
+  const bool channels_innermost = s.C > 1 && values.stride(1) == 1;
+  at::Tensor out = channels_innermost ? at::empty({s.B, s.N, s.C}, values.options()).transpose(1, 2)
+                                      : at::empty({s.B, s.C, s.N}, values.options());
+  if (out.numel() > 0) {
+    const at::Tensor sv = splat_vertex.contiguous(), sw = splat_weight.contiguous(),
+                     bn = blur_neighbors.contiguous(), nv = num_vertices.cpu().contiguous(),
+                     so = splat_offsets.contiguous(), sp = splat_points.contiguous(),
+                     spw = splat_points_weight.contiguous();
+    check_table_ids(s, sv, bn, nv, so, sp);
+    AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "ext_lattice_filter_scaled_cpu", [&] {
+      filter_impl<scalar_t>(s, values, sv, sw, bn, nv, so, sp, spw, reverse, out,
+                            pre.defined() ? pre.const_data_ptr<scalar_t>() : nullptr,
+                            post.defined() ? post.const_data_ptr<scalar_t>() : nullptr);
+    });
+  }
+  return out;
 }
 
 at::Tensor lattice_filter_cpu(const at::Tensor& values, const at::Tensor& splat_vertex,
@@ -600,4 +709,5 @@ at::Tensor lattice_filter_cpu(const at::Tensor& values, const at::Tensor& splat_
 TORCH_LIBRARY_IMPL(fastseg, CPU, m) {
   m.impl("ext_lattice_build", &fastseg::lattice::lattice_build_cpu);
   m.impl("ext_lattice_filter", &fastseg::lattice::lattice_filter_cpu);
+  m.impl("ext_lattice_filter_scaled", &fastseg::lattice::lattice_filter_scaled_cpu);
 }
