@@ -5,10 +5,18 @@
 Environment:
     FASTSEG_CUDA           1: build the CUDA kernels (fail if no toolkit), 0: CPU only,
                            auto (default): CUDA when both a CUDA toolkit and a CUDA build of torch are found.
+    FASTSEG_CUDA_VERSION   the local version tag: cpu (implies FASTSEG_CUDA=0) or a CUDA version, 12.8 or
+                           cu128 (implies FASTSEG_CUDA=1; its major must be the toolkit's). Unset: +cpu, or
+                           +cuXY from the toolkit found (13.0 -> 0.1.0+cu130).
+    FASTSEG_LOCAL_VERSION  1: always add that tag to the version, 0: never, auto (default): in a source
+                           checkout or when FASTSEG_CUDA_VERSION is set, not when building from an unpacked
+                           sdist (pip wants the sdist's version). The sdist itself never has it.
     CUDA_HOME / CUDA_PATH  the CUDA toolkit; otherwise the one of the `nvcc` on PATH, then /usr/local/cuda.
-    TORCH_CUDA_ARCH_LIST   the GPU archs to compile for, e.g. "8.0;9.0"; unset: the visible GPUs', or 9.0
-                           when there is none.
+    TORCH_CUDA_ARCH_LIST   the GPU archs to compile for, e.g. "8.0;9.0"; unset: the visible GPUs', or when
+                           there is none the toolkit's default list (fastseg_build.DEFAULT_ARCHS, e.g. 13.0:
+                           7.5;8.0;8.6;8.9;9.0;10.0;12.0+PTX).
     MAX_JOBS               parallel compile jobs (read by torch.utils.cpp_extension).
+    NVCC_THREADS           nvcc --threads N: the architectures of one .cu file compiled in parallel.
 
 The build always uses the torch that is installed (--no-build-isolation): the extension is ABI-bound to it.
 """
@@ -24,7 +32,10 @@ from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 PACKAGE = "fastseg"
-DEFAULT_ARCH_LIST = "9.0"  # Hopper (H100/H200), the GPUs fastseg targets first
+sys.path.insert(0, str(ROOT))
+import fastseg_build  # noqa: E402  (tag, arch and requirement logic; tests/test_packaging.py tests it)
+
+del sys.path[0]
 
 
 def fail(message):
@@ -80,10 +91,22 @@ def toolkit_version(cuda_home):
 
 
 def want_cuda():
-    """(build the CUDA kernels?, toolkit root or None), from FASTSEG_CUDA."""
+    """(build the CUDA kernels?, toolkit root or None, requested tag or None), from FASTSEG_CUDA and
+    FASTSEG_CUDA_VERSION."""
     mode = os.environ.get("FASTSEG_CUDA", "auto").strip().lower() or "auto"
     if mode not in ("0", "1", "auto"):
         fail(f"FASTSEG_CUDA must be 0, 1 or auto, got {mode!r}")
+    try:
+        forced, requested_tag = fastseg_build.choose_tag(mode, os.environ.get("FASTSEG_CUDA_VERSION"))
+    except fastseg_build.BuildConfigError as err:
+        fail(str(err))
+    if forced is not None:
+        mode = "1" if forced else "0"
+    with_cuda, cuda_home = _want_cuda(mode)
+    return with_cuda, cuda_home, requested_tag
+
+
+def _want_cuda(mode):
     if mode == "0":
         return False, None
     cuda_home = find_cuda_home()
@@ -100,7 +123,8 @@ def want_cuda():
     else:
         return True, cuda_home
     if mode == "1":
-        fail(f"FASTSEG_CUDA=1 but {problem}; set CUDA_HOME to a CUDA toolkit, or build with FASTSEG_CUDA=0")
+        fail(f"FASTSEG_CUDA=1 (or FASTSEG_CUDA_VERSION) asks for CUDA but {problem}; set CUDA_HOME to a CUDA "
+             "toolkit, or build with FASTSEG_CUDA=0")
     print(f"fastseg setup: building without CUDA: {problem}", file=sys.stderr)
     return False, None
 
@@ -124,7 +148,17 @@ def visible_gpu_arch_list():
     return ";".join(archs)
 
 
-def resolve_arch_list():
+def nvcc_archs(cuda_home):
+    """The architectures this toolkit's nvcc compiles for ('7.5', ..., '12.0'), or None if it cannot say."""
+    try:
+        out = subprocess.check_output([str(Path(cuda_home) / "bin" / "nvcc"), "--list-gpu-arch"], text=True,
+                                      stderr=subprocess.DEVNULL)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return fastseg_build.parse_nvcc_archs(out) or None
+
+
+def resolve_arch_list(cuda_home, cuda_version):
     """The arch list to build for, also written back to TORCH_CUDA_ARCH_LIST so that the archs compiled and
     the archs reported by build_info() are the same."""
     value = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
@@ -134,11 +168,15 @@ def resolve_arch_list():
         elif value == "native":
             fail("TORCH_CUDA_ARCH_LIST=native needs a visible GPU; name the archs instead, e.g. 9.0")
         else:
+            try:
+                value = fastseg_build.default_arch_list(cuda_version, nvcc_archs(cuda_home))
+            except fastseg_build.BuildConfigError as err:
+                fail(str(err))
             print(
-                f"fastseg setup: no GPU visible and TORCH_CUDA_ARCH_LIST unset: building for {DEFAULT_ARCH_LIST}",
+                f"fastseg setup: no GPU visible and TORCH_CUDA_ARCH_LIST unset: building for CUDA {cuda_version}'s "
+                f"default list {value}",
                 file=sys.stderr,
             )
-            value = DEFAULT_ARCH_LIST
     value = ";".join(value.replace(";", " ").split())
     os.environ["TORCH_CUDA_ARCH_LIST"] = value
     return value
@@ -155,10 +193,25 @@ def sources(pattern):
     return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob(pattern))
 
 
-VERSION = read_version()
-WITH_CUDA, CUDA_HOME = want_cuda()
+BASE_VERSION = read_version()
+WITH_CUDA, CUDA_HOME, REQUESTED_TAG = want_cuda()
 CUDA_VERSION = toolkit_version(CUDA_HOME) if WITH_CUDA else ""
-ARCH_LIST = resolve_arch_list() if WITH_CUDA else ""
+ARCH_LIST = resolve_arch_list(CUDA_HOME, CUDA_VERSION) if WITH_CUDA else ""
+try:
+    TAG = fastseg_build.finish_tag(WITH_CUDA, CUDA_VERSION or None, REQUESTED_TAG)
+    # The installed version carries the build's flavour, as torch's does (0.1.0+cu130); fastseg.__version__
+    # and build_info()["version"] report this full version. Not for the sdist, nor (by default) for a build
+    # from an unpacked sdist: see fastseg_build.use_local_tag.
+    MAKING_SDIST = "sdist" in sys.argv
+    if fastseg_build.use_local_tag(os.environ.get("FASTSEG_LOCAL_VERSION"), REQUESTED_TAG is not None,
+                                   from_sdist=(ROOT / "PKG-INFO").is_file(), making_sdist=MAKING_SDIST):
+        VERSION = fastseg_build.local_version(BASE_VERSION, TAG)
+    else:
+        VERSION = BASE_VERSION
+    TORCH_REQUIREMENT = fastseg_build.torch_requirement(torch.__version__)
+    NVCC_THREAD_FLAGS = fastseg_build.nvcc_thread_flags(os.environ.get("NVCC_THREADS"))
+except fastseg_build.BuildConfigError as err:
+    fail(str(err))
 
 if WITH_CUDA:
     # cpp_extension reads CUDA_HOME once, at import; set it before importing, and on the module in case an
@@ -184,7 +237,7 @@ cxx_flags = [
 if sys.platform.startswith("linux"):
     cxx_flags.append("-fopenmp")
 # No --use_fast_math: the kernels rely on IEEE NaN/inf semantics (NaN propagation, -inf initial max).
-nvcc_flags = ["-O3", "-lineinfo"]
+nvcc_flags = ["-O3", "-lineinfo"] + NVCC_THREAD_FLAGS
 
 extension_kwargs = dict(
     name=f"{PACKAGE}._C",
@@ -201,19 +254,48 @@ else:
     extension = cpp_extension.CppExtension(**extension_kwargs)
     summary = "CPU only"
 jobs = os.environ.get("MAX_JOBS")
-print(
-    f"fastseg setup: building {PACKAGE}._C {VERSION}: {summary}; torch {torch.__version__}"
-    + (f"; MAX_JOBS={jobs}" if jobs else ""),
-    file=sys.stderr,
+# The summary once per build: not for the metadata-only runs (egg_info, dist_info) and the sdist.
+BUILDING = any(c in sys.argv for c in ("build", "build_ext", "bdist_wheel", "develop", "editable_wheel", "install"))
+if BUILDING:
+    print(
+        f"fastseg setup: {PACKAGE} {VERSION}: _C {summary}; torch {torch.__version__} (CUDA {torch.version.cuda}), "
+        f"requires {TORCH_REQUIREMENT}; {len(extension_kwargs['sources'])} sources"
+        + (f"; MAX_JOBS={jobs}" if jobs else "")
+        + (f"; nvcc {' '.join(NVCC_THREAD_FLAGS)}" if NVCC_THREAD_FLAGS else ""),
+        file=sys.stderr,
+    )
+
+BUILD_CONFIG = fastseg_build.build_config_source(
+    VERSION, TAG, torch.__version__, CUDA_VERSION or None, ARCH_LIST or None
 )
+
+
+class BuildExtension(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+    """torch's BuildExtension, also writing fastseg/_build_config.py (what this build is: version with its
+    local tag, the torch it was compiled against) next to the extension: into the source tree for in-place
+    and editable builds, into the build directory for wheels. fastseg checks it at import before it loads
+    fastseg._C."""
+
+    def run(self):
+        super().run()
+        targets = []
+        if self.inplace or getattr(self, "editable_mode", False):
+            targets.append(ROOT / PACKAGE)
+        if self.build_lib:
+            targets.append(Path(self.build_lib) / PACKAGE)
+        for target in targets:
+            if target.is_dir():
+                (target / "_build_config.py").write_text(BUILD_CONFIG)
 
 # Description, requirements and the Python version live in pyproject.toml's [project] table.
 setup(
     name=PACKAGE,
     version=VERSION,
+    # A built fastseg is ABI-bound to the torch release it was compiled against; the sdist is not.
+    install_requires=["numpy", "torch>=2.6" if MAKING_SDIST else TORCH_REQUIREMENT],
     packages=find_packages(include=[PACKAGE, f"{PACKAGE}.*"]),
     package_data={PACKAGE: ["py.typed"]},
     ext_modules=[extension],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension},
     zip_safe=False,
 )

@@ -144,21 +144,47 @@ def _release(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in version.split("+")[0].split(".")[:2])
 
 
+def _build_config():
+    """fastseg/_build_config.py (written by setup.py next to the extension it built), or None."""
+    try:
+        return importlib.import_module("fastseg._build_config")
+    except ImportError:
+        return None
+
+
+def _torch_mismatch_message(built_for: str, variant: str | None) -> str:
+    if variant is None:  # a source tree built in place
+        fix = f"Rebuild fastseg against this torch. {_BUILD_HINT}"
+    else:
+        flavour = "CPU" if variant == "cpu" else variant
+        wanted, have = (".".join(map(str, _release(v))) for v in (built_for, torch.__version__))
+        fix = (
+            f"Install torch {wanted}.x, or the fastseg {flavour} wheel built for torch {have} (see the README's "
+            f"Wheels section), or rebuild fastseg from source against this torch: {_BUILD_HINT}"
+        )
+    return (
+        f"fastseg {__version__} was built against torch {built_for}, but torch {torch.__version__} is installed; "
+        f"its compiled extension fastseg._C only loads with the torch release it was built for. {fix}"
+    )
+
+
 def _load_extension():
     """Import fastseg._C and check it was built for this torch and this CUDA major version.
 
-    Raises ImportError with rebuild instructions when it is missing or built for another torch/CUDA.
+    Raises ImportError with rebuild instructions when it is missing or built for another torch/CUDA. The
+    torch release is checked against _build_config.py before fastseg._C is imported: importing an extension
+    built for another torch can fail with an undefined symbol, or crash.
     """
+    config = _build_config()
+    if config is not None and _release(config.torch_version) != _release(torch.__version__):
+        raise ImportError(_torch_mismatch_message(config.torch_version, getattr(config, "variant", None)))
     try:
         _C = importlib.import_module("fastseg._C")
     except ImportError as err:
         raise ImportError(f"fastseg._C could not be imported ({err}). {_BUILD_HINT}") from err
     info = _C.build_info()
     if _release(info["torch_version"]) != _release(torch.__version__):
-        raise ImportError(
-            f"fastseg._C was built against torch {info['torch_version']}, but torch {torch.__version__} is "
-            f"installed. Rebuild fastseg against this torch. {_BUILD_HINT}"
-        )
+        raise ImportError(_torch_mismatch_message(info["torch_version"], None))
     built_cuda, runtime_cuda = info["cuda_version"], torch.version.cuda
     if built_cuda and runtime_cuda and built_cuda.split(".")[0] != runtime_cuda.split(".")[0]:
         raise ImportError(
