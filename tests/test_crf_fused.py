@@ -161,7 +161,9 @@ def test_dense_crf_single_kernel_and_zero_iterations(monkeypatch):
     for kw in (dict(gaussian_weight=0.0), dict(bilateral_weight=None), dict(iterations=0)):
         fused = _run(logits, image, True, monkeypatch, **kw)
         reference = _run(logits, image, False, monkeypatch, **kw)
-        torch.testing.assert_close(fused, reference, **_tol(torch.float32))
+        # 10 iterated float32 updates whose exp and sums round differently (a few ulp each) drift by ~1e-6:
+        # the iterated tolerance of test_dense_crf_fused_matches_torch_loop, not the single-update one.
+        torch.testing.assert_close(fused, reference, rtol=1e-4, atol=3e-5)
 
 
 def test_gradients_use_the_torch_loop(monkeypatch):
