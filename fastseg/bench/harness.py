@@ -138,6 +138,8 @@ class Workload:
     # Forwards run under autograd whose saved tensors are counted (training cases only).
     reference_forward_for_backward: Callable[[], Any] | None = None
     fastseg_forward_for_backward: Callable[[], Any] | None = None
+    # Floating-point operations of one fastseg call, for compute-bound ops (TFLOP/s = this / fastseg's time).
+    fastseg_flops: int | None = None
 
 
 @dataclass
@@ -280,7 +282,7 @@ def run_case(case: Case, device: torch.device, fastseg_context: Callable[[], Con
                 row.notes.append(note)
         except AssertionError as mismatch:
             row.notes.append(f"MISMATCH vs {case.reference}: {describe_error(mismatch)}")
-    fastseg_bytes = workload.fastseg_bytes
+    fastseg_bytes, fastseg_flops = workload.fastseg_bytes, workload.fastseg_flops
     del workload  # frees the case's inputs and both results before the next case allocates its own
     reference.result = fastseg.result = None
 
@@ -291,6 +293,9 @@ def run_case(case: Case, device: torch.device, fastseg_context: Callable[[], Con
         row.notes.append(f"reference failed: {reference.error}")
     if fastseg.ms:
         row.GBps = fastseg_bytes / (fastseg.ms * 1e-3) / GB
+        if fastseg_flops:
+            row.TFLOPs = fastseg_flops / (fastseg.ms * 1e-3) / 1e12
+            row.notes.append(f"{row.TFLOPs:.3g} TFLOP/s")
     if fastseg.peak_MB is not None and reference.peak_MB is not None:
         row.notes.append(f"peak {fastseg.peak_MB:.0f} MB vs {case.reference} {reference.peak_MB:.0f} MB")
     if fastseg.saved_bytes is not None and reference.saved_bytes is not None:

@@ -1,0 +1,351 @@
+"""Fused 2-D convolution: act((conv2d(x, weight) + bias) * scale + shift + residual) in one kernel.
+
+scale and shift are per output channel (a folded eval-mode BatchNorm: scale = gamma / sqrt(var + eps),
+shift = beta - mean * scale); residual is a tensor of the output's shape (a ResNet shortcut); the activation
+is None or "relu". The convolution's semantics are torch.nn.functional.conv2d's: any kernel size, stride,
+padding (int, pair, "valid" or "same") and dilation; groups 1 or depthwise (groups == in_channels).
+
+Layers: ``fused_conv2d`` validates and resolves the arguments; the registered custom op
+``torch.ops.fastseg.fused_conv2d`` carries the fake implementation (torch.compile) and autograd; the forward
+runs on one backend: the Triton implicit-GEMM kernel (``conv_kernels.py``) or the plain-PyTorch reference
+below.
+
+Backward: the gradients of x and weight come from torch's own convolution backward
+(``aten.convolution_backward``: cuDNN on CUDA) applied to the gradient at the convolution's output, which is
+computed in plain PyTorch from the epilogue's chain rule (ReLU mask from the saved output, times scale); the
+bias, scale, shift and residual gradients are reductions in plain PyTorch. Hand-written Triton backward
+kernels are not written yet.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastseg import _backend
+
+_backend.register_op("fused_conv2d", {"triton", "reference"})
+
+ACTIVATIONS = (None, "relu")
+
+
+# --- argument handling, as torch does it ----------------------------------------------------------
+
+
+def _pair(value, what: str) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    if isinstance(value, (tuple, list, torch.Size)) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        if len(value) == 1:
+            return (value[0], value[0])
+        if len(value) == 2:
+            return (value[0], value[1])
+    raise TypeError(f"fused_conv2d: {what} must be an int or a tuple of two ints, but got {value!r}")
+
+
+def _resolve_padding(padding, kernel_size, stride, dilation) -> list[int]:
+    """padding as [top, left, bottom, right]. "same" puts the odd pixel at the bottom/right, as F.conv2d."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return [0, 0, 0, 0]
+        if padding != "same":
+            raise ValueError(f"fused_conv2d: Invalid padding string {padding!r}, should be one of ['valid', 'same']")
+        if stride != (1, 1):
+            raise ValueError("fused_conv2d: padding='same' is not supported for strided convolutions")
+        total = [dilation[i] * (kernel_size[i] - 1) for i in range(2)]
+        return [total[0] // 2, total[1] // 2, total[0] - total[0] // 2, total[1] - total[1] // 2]
+    p = _pair(padding, "padding")
+    if p[0] < 0 or p[1] < 0:
+        raise RuntimeError("fused_conv2d: negative padding is not supported")
+    return [p[0], p[1], p[0], p[1]]
+
+
+def output_size(H: int, W: int, kernel_size, stride, padding4, dilation) -> tuple[int, int]:
+    (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw) = kernel_size, stride, padding4, dilation
+    return ((H + pt + pb - dh * (kh - 1) - 1) // sh + 1, (W + pl + pr - dw * (kw - 1) - 1) // sw + 1)
+
+
+def _output_memory_format(x: Tensor, weight: Tensor) -> torch.memory_format:
+    """F.conv2d's choice: channels_last when the input or the weight is channels_last."""
+    for t in (x, weight):
+        if t.dim() == 4 and t.size(1) > 1 and not t.is_contiguous() and t.is_contiguous(
+                memory_format=torch.channels_last):
+            return torch.channels_last
+    return torch.contiguous_format
+
+
+def _check(x: Tensor, weight: Tensor, bias, scale, shift, residual, stride, padding4, dilation, groups,
+           activation) -> tuple[int, int]:
+    """Raise as F.conv2d does for invalid arguments; return (OH, OW)."""
+    if x.dim() != 4:
+        raise RuntimeError(
+            f"fused_conv2d: Expected 3D (unbatched) or 4D (batched) input, but got input of size: {list(x.shape)}")
+    if weight.dim() != 4:
+        raise RuntimeError(f"fused_conv2d: weight must be 4-dimensional, but got size {list(weight.shape)}")
+    if not x.dtype.is_floating_point:
+        raise RuntimeError(f"fused_conv2d: expected a floating-point input, but got {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise RuntimeError(f"fused_conv2d: Input type ({x.dtype}) and weight type ({weight.dtype}) should be the same")
+    if weight.device != x.device:
+        raise RuntimeError(f"fused_conv2d: input on {x.device} and weight on {weight.device}")
+    if groups < 1:
+        raise RuntimeError("fused_conv2d: non-positive groups is not supported")
+    if min(stride) < 1:
+        raise RuntimeError("fused_conv2d: non-positive stride is not supported")
+    if min(dilation) < 1:
+        raise RuntimeError("fused_conv2d: dilation should be greater than zero")
+    C, K = x.shape[1], weight.shape[0]
+    if C != weight.shape[1] * groups:
+        raise RuntimeError(
+            f"fused_conv2d: Given groups={groups}, weight of size {list(weight.shape)}, expected input"
+            f"{list(x.shape)} to have {weight.shape[1] * groups} channels, but got {C} channels instead")
+    if K % groups != 0:
+        raise RuntimeError(
+            f"fused_conv2d: Given groups={groups}, expected weight to be divisible by {groups} at dimension 0, "
+            f"but got weight of size {list(weight.shape)} instead")
+    if groups != 1 and groups != C:
+        raise NotImplementedError(
+            f"fused_conv2d: groups={groups} with {C} input channels: only groups=1 and depthwise "
+            "(groups == in_channels) are implemented")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"fused_conv2d: activation must be None or 'relu', but got {activation!r}")
+    for name, t in (("bias", bias), ("scale", scale), ("shift", shift)):
+        if t is None:
+            continue
+        if t.dim() != 1 or t.shape[0] != K:
+            raise RuntimeError(
+                f"fused_conv2d: Given weight of size {list(weight.shape)}, expected {name} to be 1-dimensional "
+                f"with {K} elements, but got {name} of size {list(t.shape)} instead")
+        if t.device != x.device:
+            raise RuntimeError(f"fused_conv2d: input on {x.device} and {name} on {t.device}")
+    if bias is not None and bias.dtype != x.dtype:
+        raise RuntimeError(f"fused_conv2d: Input type ({x.dtype}) and bias type ({bias.dtype}) should be the same")
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t is not None and t.dtype not in (x.dtype, torch.float32):
+            raise RuntimeError(f"fused_conv2d: {name} must be {x.dtype} or float32, but got {t.dtype}")
+    kh, kw = weight.shape[2:]
+    H, W = x.shape[2:]
+    OH, OW = output_size(H, W, (kh, kw), stride, padding4, dilation)
+    if OH < 1 or OW < 1:
+        raise RuntimeError(
+            f"fused_conv2d: Calculated padded input size per channel: ({H + padding4[0] + padding4[2]} x "
+            f"{W + padding4[1] + padding4[3]}). Kernel size: ({dilation[0] * (kh - 1) + 1} x "
+            f"{dilation[1] * (kw - 1) + 1}). Kernel size can't be greater than actual input size")
+    if residual is not None:
+        expected = (x.shape[0], K, OH, OW)
+        if tuple(residual.shape) != expected:
+            raise RuntimeError(
+                f"fused_conv2d: residual must have the output's shape {list(expected)}, but got {list(residual.shape)}")
+        if residual.dtype != x.dtype or residual.device != x.device:
+            raise RuntimeError(
+                f"fused_conv2d: residual must be {x.dtype} on {x.device}, but got {residual.dtype} on {residual.device}")
+    return OH, OW
+
+
+def _empty_output(x: Tensor, weight: Tensor, OH: int, OW: int) -> Tensor:
+    return torch.empty((x.shape[0], weight.shape[0], OH, OW), dtype=x.dtype, device=x.device,
+                       memory_format=_output_memory_format(x, weight))
+
+
+# --- the plain-PyTorch reference --------------------------------------------------------------------
+
+
+def _channel(t: Tensor) -> Tensor:
+    return t.view(1, -1, 1, 1)
+
+
+def reference_conv(x: Tensor, weight: Tensor, bias, stride, padding4, dilation, groups) -> Tensor:
+    """conv2d(x, weight) + bias with [top, left, bottom, right] padding, in plain PyTorch (differentiable)."""
+    pt, pl, pb, pr = padding4
+    if (pt, pl) != (pb, pr):
+        x = F.pad(x, (pl, pr, pt, pb))
+        pt = pl = 0
+    return F.conv2d(x, weight, bias, tuple(stride), (pt, pl), tuple(dilation), groups)
+
+
+def reference_fused_conv2d(x: Tensor, weight: Tensor, bias=None, scale=None, shift=None, residual=None,
+                           stride=(1, 1), padding4=(0, 0, 0, 0), dilation=(1, 1), groups=1,
+                           activation=None) -> Tensor:
+    """act((conv2d(x, weight) + bias) * scale + shift + residual) in plain PyTorch: the specification.
+
+    float16 / bfloat16 are computed in float32 (as the kernel accumulates) and rounded once at the end;
+    differentiable, so gradcheck can run on it in float64.
+    """
+    dtype = x.dtype
+    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+    def up(t):
+        return None if t is None else t.to(compute)
+
+    y = reference_conv(up(x), up(weight), up(bias), stride, padding4, dilation, groups)
+    if scale is not None:
+        y = y * _channel(up(scale))
+    if shift is not None:
+        y = y + _channel(up(shift))
+    if residual is not None:
+        y = y + up(residual)
+    if activation == "relu":
+        y = torch.relu(y)
+    return y.to(dtype)
+
+
+# --- dispatch to one backend ------------------------------------------------------------------------
+
+
+def _triton_kernels():
+    from fastseg.ops import conv_kernels  # imports triton: only when a Triton kernel runs
+
+    return conv_kernels
+
+
+def _allow_tf32() -> bool:
+    return bool(torch.backends.cudnn.allow_tf32)
+
+
+def _forward_into(out, x, weight, bias, scale, shift, residual, stride, padding4, dilation, groups, activation):
+    impl = _backend.select("fused_conv2d", x.device)
+    # float64 has no Triton kernel (no float64 tensor cores): it runs on the reference everywhere.
+    if impl == "triton" and x.dtype != torch.float64:
+        _triton_kernels().forward(x, weight, bias, scale, shift, residual, out, tuple(stride),
+                                  tuple(padding4[:2]), tuple(dilation), groups, activation == "relu",
+                                  _allow_tf32())
+    else:
+        out.copy_(reference_fused_conv2d(x, weight, bias, scale, shift, residual, stride, padding4, dilation,
+                                         groups, activation))
+
+
+# --- registered op: autograd and fake implementation --------------------------------------------------
+
+
+@torch.library.custom_op("fastseg::fused_conv2d", mutates_args=())
+def _fused_conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
+                     shift: Optional[Tensor], residual: Optional[Tensor], stride: Sequence[int],
+                     padding: Sequence[int], dilation: Sequence[int], groups: int,
+                     activation: Optional[str]) -> Tensor:
+    """act((conv2d(x, weight) + bias) * scale + shift + residual); padding is [top, left, bottom, right]."""
+    OH, OW = output_size(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
+    out = _empty_output(x, weight, OH, OW)
+    if out.numel():
+        _forward_into(out, x, weight, bias, scale, shift, residual, stride, padding, dilation, groups, activation)
+    return out
+
+
+@_fused_conv2d_op.register_fake
+def _(x, weight, bias, scale, shift, residual, stride, padding, dilation, groups, activation):
+    OH, OW = output_size(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
+    return _empty_output(x, weight, OH, OW)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, scale, shift, residual, stride, padding, dilation, groups, activation = inputs
+    ctx.save_for_backward(x, weight, bias, scale, output if activation == "relu" else None)
+    ctx.params = (list(stride), list(padding), list(dilation), groups)
+    ctx.activation = activation
+    ctx.has = (bias is not None, scale is not None, shift is not None, residual is not None)
+    ctx.dtypes = tuple(None if t is None else t.dtype for t in (scale, shift))
+    ctx.backend = _backend.current_backend()
+
+
+def _conv_backward(grad_conv: Tensor, x: Tensor, weight: Tensor, stride, padding4, dilation, groups,
+                   need_x: bool, need_w: bool):
+    """(grad_x, grad_weight) of conv2d(x, weight) with [top, left, bottom, right] padding, by torch's own
+    convolution backward (cuDNN on CUDA)."""
+    pt, pl, pb, pr = padding4
+    asymmetric = (pt, pl) != (pb, pr)
+    xin = F.pad(x, (pl, pr, pt, pb)) if asymmetric else x
+    pad = [0, 0] if asymmetric else [pt, pl]
+    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+        grad_conv, xin, weight, None, list(stride), pad, list(dilation), False, [0, 0], groups,
+        [need_x, need_w, False])
+    if asymmetric and grad_x is not None:
+        grad_x = grad_x[:, :, pt:pt + x.shape[2], pl:pl + x.shape[3]]
+    return grad_x, grad_w
+
+
+def _fused_conv2d_grad(ctx, grad_out):
+    """Chain rule of the epilogue in plain PyTorch, then torch's convolution backward (see the module doc)."""
+    x, weight, bias, scale, out = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.params
+    has_bias, has_scale, has_shift, has_residual = ctx.has
+    needs = ctx.needs_input_grad
+    compute = torch.float32 if grad_out.dtype in (torch.float16, torch.bfloat16) else grad_out.dtype
+    g = grad_out.to(compute)
+    if ctx.activation == "relu":
+        g = torch.where(out > 0, g, torch.zeros((), dtype=compute, device=g.device))
+    grad_scale = grad_shift = grad_residual = grad_bias = grad_x = grad_w = None
+    if has_residual and needs[5]:
+        grad_residual = g.to(grad_out.dtype)
+    if has_shift and needs[4]:
+        grad_shift = g.sum((0, 2, 3)).to(ctx.dtypes[1])
+    if has_scale and needs[3]:
+        # d out / d scale = conv(x, w) + bias, recomputed (not saved): one more forward, training of scale only.
+        with _backend.backend(ctx.backend):
+            pre = torch.ops.fastseg.fused_conv2d(x, weight, bias, None, None, None, stride, padding, dilation,
+                                                 groups, None)
+        grad_scale = (g * pre.to(compute)).sum((0, 2, 3)).to(ctx.dtypes[0])
+    if has_scale:
+        g = g * scale.to(compute).view(1, -1, 1, 1)
+    if has_bias and needs[2]:
+        grad_bias = g.sum((0, 2, 3)).to(bias.dtype)
+    if needs[0] or needs[1]:
+        if x.device.type == "cpu" and compute != x.dtype:
+            # CPU half-precision convolutions may accumulate in half: run them in float32 and round once.
+            grad_x, grad_w = _conv_backward(g, x.to(compute), weight.to(compute), stride, padding, dilation,
+                                            groups, needs[0], needs[1])
+            grad_x = None if grad_x is None else grad_x.to(x.dtype)
+            grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        else:
+            grad_x, grad_w = _conv_backward(g.to(x.dtype), x, weight, stride, padding, dilation, groups,
+                                            needs[0], needs[1])
+    return (grad_x, grad_w, grad_bias, grad_scale, grad_shift, grad_residual, None, None, None, None, None)
+
+
+_fused_conv2d_op.register_autograd(_fused_conv2d_grad, setup_context=_setup_context)
+
+
+# --- public function ----------------------------------------------------------------------------------
+
+
+def fused_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
+                 groups: int = 1, *, scale: Tensor | None = None, shift: Tensor | None = None,
+                 activation: str | None = None, residual: Tensor | None = None) -> Tensor:
+    """act((conv2d(x, weight, bias) * scale + shift + residual)), one kernel on CUDA.
+
+    Args:
+        x: (N, C, H, W) or (C, H, W); float16, bfloat16 or float32 (float64 runs on the reference);
+            NCHW, channels_last or any strides. The output takes F.conv2d's memory format (channels_last
+            when x or weight is channels_last).
+        weight: (K, C / groups, kh, kw), x's dtype. bias: (K,) or None, x's dtype.
+        stride, padding, dilation, groups: as F.conv2d; padding an int, a pair, "valid" or "same"
+            ("same" only with stride 1); groups 1 or C (depthwise).
+        scale, shift: (K,) per-output-channel affine (a folded BatchNorm), x's dtype or float32, or None.
+        activation: None or "relu".
+        residual: a tensor of the output's shape added before the activation, or None.
+
+    float32 uses TF32 tensor cores only when torch.backends.cudnn.allow_tf32 is set, as F.conv2d on CUDA.
+    Differentiable in x, weight, bias, scale, shift and residual; the backward uses torch's convolution
+    backward for x and weight (no Triton backward kernels yet).
+    """
+    if not isinstance(x, Tensor) or not isinstance(weight, Tensor):
+        raise TypeError("fused_conv2d: x and weight must be tensors")
+    unbatched = x.dim() == 3
+    if unbatched:
+        x = x.unsqueeze(0)
+        if residual is not None:
+            residual = residual.unsqueeze(0)
+    if weight.dim() != 4:
+        raise RuntimeError(f"fused_conv2d: weight must be 4-dimensional, but got size {list(weight.shape)}")
+    s = _pair(stride, "stride")
+    d = _pair(dilation, "dilation")
+    if not isinstance(groups, int) or isinstance(groups, bool):
+        raise TypeError(f"fused_conv2d: groups must be an int, but got {groups!r}")
+    padding4 = _resolve_padding(padding, tuple(weight.shape[2:]), s, d)
+    _check(x, weight, bias, scale, shift, residual, s, padding4, d, groups, activation)
+    out = torch.ops.fastseg.fused_conv2d(x, weight, bias, scale, shift, residual, list(s), padding4, list(d),
+                                         groups, activation)
+    return out.squeeze(0) if unbatched else out

@@ -1,0 +1,260 @@
+"""Triton kernels for the fused convolution: conv2d + bias + per-channel affine + residual + ReLU, one kernel.
+
+Two kernels, both writing into an output they are given (see ``forward``):
+
+- ``_conv2d_igemm_kernel`` (groups == 1): an implicit GEMM. Rows M = N*OH*OW (output pixels), columns
+  Cout, reduction K = KH*KW*Cin. A program owns a ``BLOCK_M x BLOCK_N`` output tile; it walks the taps (r, s)
+  and, per tap, the input channels in ``BLOCK_K`` slices (one flat runtime loop), loading an ``[BLOCK_M, BLOCK_K]``
+  slice of the input at ``ih = oh*SH - PH + r*DH``, ``iw = ow*SW - PW + s*DW`` (masked loads give the zero
+  padding) and a ``[BLOCK_K, BLOCK_N]`` slice of the weight, and accumulates their ``tl.dot`` in float32.
+  The epilogue (bias, scale, shift, residual, ReLU) runs on the float32 accumulator before the single store.
+- ``_conv2d_depthwise_kernel`` (groups == Cin, Cout = multiplier*Cin): per-element multiply-accumulate in
+  float32 over the taps, the same epilogue. No reduction over channels, so no ``tl.dot``.
+
+Every tensor is addressed through its four strides, so NCHW, channels_last and other layouts all work; the
+caller picks the output's memory format. Offsets are int32 unless some tensor's largest offset reaches 2**31
+(``INDEX_64``). float32 inputs use ``input_precision="tf32"`` only when the caller asks (cudnn.allow_tf32),
+else "ieee"; float16 / bfloat16 inputs go to tensor cores as they are, accumulating in float32.
+
+On CUDA the block sizes are autotuned per shape (``CONFIGS``, keyed on the problem size); under Triton's
+interpreter (TRITON_INTERPRET=1, CPU tensors) a fixed small configuration runs instead.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INT32_LIMIT = 2**31
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the implicit GEMM; autotuned on CUDA per shape.
+CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 256, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+]
+# Under the interpreter: one small configuration (tl.dot needs every block dimension >= 16).
+INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16}
+_AUTOTUNE_KEY = ["N", "C", "H", "W", "K", "OH", "OW", "KH", "KW", "SH", "SW", "DH", "DW", "FP32_INPUTS",
+                 "ALLOW_TF32", "CHANNELS_LAST"]
+
+# depthwise: BLOCK_P output pixels x BLOCK_C output channels per program
+_DW_BLOCK_P = 64
+_DW_BLOCK_C = 32
+_DW_WARPS = 4
+
+
+@triton.jit
+def _epilogue(acc, co, co_ok, pix_off_out, pix_ok, out_ptr, soc,
+              bias_ptr, scale_ptr, shift_ptr, res_ptr, res_pix_off, src,
+              HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+              HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr):
+    """act((acc + bias) * scale + shift + residual) in float32, stored at out[pixel, co]."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + co, mask=co_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_SCALE:
+        acc = acc * tl.load(scale_ptr + co, mask=co_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_SHIFT:
+        acc += tl.load(shift_ptr + co, mask=co_ok, other=0.0).to(tl.float32)[None, :]
+    mask = pix_ok[:, None] & co_ok[None, :]
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + res_pix_off[:, None] + co[None, :] * src, mask=mask, other=0.0)
+        acc += r.to(tl.float32)
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    tl.store(out_ptr + pix_off_out[:, None] + co[None, :] * soc, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _pixel_coords(offs, OH, OW, INDEX_64: tl.constexpr):
+    """(n, oh, ow) of flat output-pixel indices offs = (n*OH + oh)*OW + ow."""
+    if INDEX_64:
+        offs = offs.to(tl.int64)
+    ow = offs % OW
+    t = offs // OW
+    oh = t % OH
+    n = t // OH
+    return n, oh, ow
+
+
+@triton.jit
+def _conv2d_igemm_kernel(
+    x_ptr, w_ptr, out_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr,
+    N, C, H, W, K, OH, OW,
+    sxn, sxc, sxh, sxw,
+    swk, swc, swh, sww,
+    son, soc, soh, sow,
+    srn, src, srh, srw,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    FP32_INPUTS: tl.constexpr, ALLOW_TF32: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # C: input channels, K: output channels (the GEMM's N dimension). CHANNELS_LAST only enters the autotune
+    # key: the addressing is the same for every layout.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    M = N * OH * OW
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    n, oh, ow = _pixel_coords(offs_m, OH, OW, INDEX_64)
+    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_ok = co < K
+    ci = tl.arange(0, BLOCK_K)
+    ih0 = oh * SH - PH
+    iw0 = ow * SW - PW
+    x_pix = x_ptr + n * sxn
+    w_co = w_ptr + co[None, :] * swk
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # One flat loop over (tap, channel block), channel blocks fastest: a single loop that Triton can software-
+    # pipeline whatever the channel count (a 64-channel layer has one channel block per tap).
+    num_cb = tl.cdiv(C, BLOCK_K)
+    for it in range(KH * KW * num_cb):
+        tap = it // num_cb
+        c = (it - tap * num_cb) * BLOCK_K + ci
+        r = tap // KW
+        s = tap - r * KW
+        ih = ih0 + r * DH
+        iw = iw0 + s * DW
+        ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        c_ok = c < C
+        a = tl.load((x_pix + ih * sxh + iw * sxw)[:, None] + c[None, :] * sxc,
+                    mask=ok[:, None] & c_ok[None, :], other=0.0)
+        b = tl.load(w_co + r * swh + s * sww + c[:, None] * swc, mask=c_ok[:, None] & co_ok[None, :], other=0.0)
+        if FP32_INPUTS:
+            if ALLOW_TF32:
+                acc = tl.dot(a, b, acc, input_precision="tf32")
+            else:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)  # float16 / bfloat16 operands, float32 accumulator
+    _epilogue(acc, co, co_ok, n * son + oh * soh + ow * sow, m_ok, out_ptr, soc,
+              bias_ptr, scale_ptr, shift_ptr, res_ptr, n * srn + oh * srh + ow * srw, src,
+              HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RESIDUAL, RELU)
+
+
+_conv2d_igemm_tuned = triton.autotune(configs=CONFIGS, key=_AUTOTUNE_KEY)(_conv2d_igemm_kernel)
+
+
+@triton.jit
+def _conv2d_depthwise_kernel(
+    x_ptr, w_ptr, out_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr,
+    N, C, H, W, K, OH, OW, MULT,
+    sxn, sxc, sxh, sxw,
+    swk, swc, swh, sww,
+    son, soc, soh, sow,
+    srn, src, srh, srw,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, INDEX_64: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # Output channel co reads input channel co // MULT and its own (1, KH, KW) filter.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    M = N * OH * OW
+    offs_m = pid_m * BLOCK_P + tl.arange(0, BLOCK_P)
+    m_ok = offs_m < M
+    n, oh, ow = _pixel_coords(offs_m, OH, OW, INDEX_64)
+    co = pid_n * BLOCK_C + tl.arange(0, BLOCK_C)
+    co_ok = co < K
+    cin = co // MULT
+    ih0 = oh * SH - PH
+    iw0 = ow * SW - PW
+    x_base = x_ptr + (n * sxn)[:, None] + (cin * sxc)[None, :]
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for r in tl.static_range(KH):
+        ih = ih0 + r * DH
+        h_ok = m_ok & (ih >= 0) & (ih < H)
+        for s in tl.static_range(KW):
+            iw = iw0 + s * DW
+            ok = h_ok & (iw >= 0) & (iw < W)
+            v = tl.load(x_base + (ih * sxh + iw * sxw)[:, None], mask=ok[:, None] & co_ok[None, :], other=0.0)
+            wt = tl.load(w_ptr + co * swk + r * swh + s * sww, mask=co_ok, other=0.0)
+            acc += v.to(tl.float32) * wt.to(tl.float32)[None, :]
+    _epilogue(acc, co, co_ok, n * son + oh * soh + ow * sow, m_ok, out_ptr, soc,
+              bias_ptr, scale_ptr, shift_ptr, res_ptr, n * srn + oh * srh + ow * srw, src,
+              HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RESIDUAL, RELU)
+
+
+def _needs_int64(*tensors):
+    for t in tensors:
+        if t is None:
+            continue
+        max_offset = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+        if t.numel() >= _INT32_LIMIT or max_offset >= _INT32_LIMIT:
+            return True
+    return False
+
+
+def _is_channels_last(t):
+    return t.size(1) > 1 and t.stride(1) == 1
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def forward(x, weight, bias, scale, shift, residual, out, stride, padding, dilation, groups, relu, allow_tf32,
+            config=None) -> None:
+    """Write act((conv2d(x, weight) + bias) * scale + shift + residual) into ``out``, every element of it.
+
+    ``x`` (N, C, H, W), ``weight`` (K, C/groups, KH, KW), ``out`` and ``residual`` (N, K, OH, OW), bias, scale
+    and shift (K,) or None. groups is 1 or C (depthwise). ``padding`` is the (top, left) padding; ``out``'s
+    size fixes OH and OW (so asymmetric "same" padding needs nothing else). ``config``: a dict of block sizes
+    (and optionally num_warps / num_stages) to bypass autotuning, e.g. one of ``CONFIGS``' kwargs (tests).
+    """
+    if out.numel() == 0:
+        return
+    N, C, H, W = x.shape
+    K, _, KH, KW = weight.shape
+    OH, OW = out.shape[2:]
+    dummy = out  # never read: its HAS_* flag is False
+    res = residual if residual is not None else dummy
+    common = dict(
+        KH=KH, KW=KW, SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
+        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
+        HAS_RESIDUAL=residual is not None, RELU=bool(relu), INDEX_64=_needs_int64(x, weight, out, residual),
+    )
+    if x.is_cuda and groups == 1:
+        # Weights repacked with output channels fastest (a view of shape (K, C, KH, KW)): the [BLOCK_K, BLOCK_N]
+        # weight tiles then load as contiguous runs. One small copy per call (the weights, not activations).
+        weight = weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+    args = (x, weight, out, bias if bias is not None else dummy, scale if scale is not None else dummy,
+            shift if shift is not None else dummy, res)
+    strides = (*x.stride(), *weight.stride(), *out.stride(), *res.stride())
+    M = N * OH * OW
+    if groups != 1:
+        grid = (triton.cdiv(M, _DW_BLOCK_P), triton.cdiv(K, _DW_BLOCK_C))
+        _conv2d_depthwise_kernel[grid](*args, N, C, H, W, K, OH, OW, K // C, *strides, **common,
+                                       BLOCK_P=_DW_BLOCK_P, BLOCK_C=_DW_BLOCK_C, num_warps=_DW_WARPS)
+        return
+    common.update(FP32_INPUTS=x.dtype == torch.float32, ALLOW_TF32=bool(allow_tf32) and x.dtype == torch.float32,
+                  CHANNELS_LAST=_is_channels_last(x))
+    if config is None and _interpreting():
+        config = INTERPRETER_CONFIG
+    if config is not None:
+        meta = dict(config)
+        grid = (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_N"]))
+        _conv2d_igemm_kernel[grid](*args, N, C, H, W, K, OH, OW, *strides, **common, **meta)
+        return
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_N"]))
+
+    _conv2d_igemm_tuned[grid](*args, N, C, H, W, K, OH, OW, *strides, **common)
+
+
+def config_kwargs(config: triton.Config) -> dict:
+    """A ``CONFIGS`` entry as the ``config`` argument of :func:`forward`."""
+    return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
