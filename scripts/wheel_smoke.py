@@ -91,8 +91,22 @@ def main():
     torch.testing.assert_close(probs["extension"], probs["reference"], rtol=1e-4, atol=1e-5)
     check(True, "dense_crf [extension] == [reference]")
 
+    # the fused convolution: its CPU backends against F.conv2d + folded affine + ReLU
+    xc, weight, bias = torch.randn(1, 4, 7, 9), torch.randn(5, 4, 3, 3), torch.randn(5)
+    scale, shift = torch.rand(5) + 0.5, torch.randn(5)
+    expected = torch.relu(F.conv2d(xc, weight, bias, padding=2, dilation=2) * scale[:, None, None]
+                          + shift[:, None, None])
+    for name in ("reference", "triton"):
+        if name == "triton" and not (_backend.triton_available() and _backend.triton_interpreting()):
+            continue
+        with fastseg.backend(name):
+            y = fastseg.fused_conv2d(xc, weight, bias, padding=2, dilation=2, scale=scale, shift=shift,
+                                     activation="relu")
+        torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+        check(True, f"fused_conv2d [{name}]")
+
     # any other op registered (new ops get at least an import-level check here)
-    known = {"max_pool2d", "max_unpool2d", "permutohedral_lattice"}
+    known = {"fused_conv2d", "max_pool2d", "max_unpool2d", "permutohedral_lattice"}
     for op, have in sorted(_backend.registered_ops().items()):
         if op not in known:
             print(f"  --  {op} [{', '.join(sorted(have))}]: registered, no smoke test in wheel_smoke.py yet")
