@@ -22,13 +22,13 @@ interpreter (TRITON_INTERPRET=1, CPU tensors) a fixed small configuration runs i
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_INT32_LIMIT = 2**31
+from fastseg._backend import triton_interpreting
+from fastseg.ops._indexing import needs_int64
+
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the implicit GEMM; autotuned on CUDA per shape.
 CONFIGS = [
@@ -187,22 +187,8 @@ def _conv2d_depthwise_kernel(
               HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RESIDUAL, RELU)
 
 
-def _needs_int64(*tensors):
-    for t in tensors:
-        if t is None:
-            continue
-        max_offset = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
-        if t.numel() >= _INT32_LIMIT or max_offset >= _INT32_LIMIT:
-            return True
-    return False
-
-
 def _is_channels_last(t):
     return t.size(1) > 1 and t.stride(1) == 1
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def forward(x, weight, bias, scale, shift, residual, out, stride, padding, dilation, groups, relu, allow_tf32,
@@ -224,7 +210,7 @@ def forward(x, weight, bias, scale, shift, residual, out, stride, padding, dilat
     common = dict(
         KH=KH, KW=KW, SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
         HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-        HAS_RESIDUAL=residual is not None, RELU=bool(relu), INDEX_64=_needs_int64(x, weight, out, residual),
+        HAS_RESIDUAL=residual is not None, RELU=bool(relu), INDEX_64=needs_int64(x, weight, out, residual),
     )
     if x.is_cuda and groups == 1:
         # Weights repacked with output channels fastest (a view of shape (K, C, KH, KW)): the [BLOCK_K, BLOCK_N]
@@ -241,7 +227,7 @@ def forward(x, weight, bias, scale, shift, residual, out, stride, padding, dilat
         return
     common.update(FP32_INPUTS=x.dtype == torch.float32, ALLOW_TF32=bool(allow_tf32) and x.dtype == torch.float32,
                   CHANNELS_LAST=_is_channels_last(x))
-    if config is None and _interpreting():
+    if config is None and triton_interpreting():
         config = INTERPRETER_CONFIG
     if config is not None:
         meta = dict(config)

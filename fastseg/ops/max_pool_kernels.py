@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-_INT32_LIMIT = 2**31
+from fastseg.ops._indexing import needs_int64
+
 # Elements per program and warps: 8 elements per thread keeps several loads in flight per thread.
 _BLOCK = 1024
 _NUM_WARPS = 4
@@ -254,15 +255,6 @@ def _max_unpool2d_bwd_kernel(
     tl.store(gin_ptr + n * sjn + c * sjc + h * sjh + w * sjw, g, mask=mask)
 
 
-def _needs_int64(*tensors):
-    """True when some tensor's element count or largest element offset does not fit in int32."""
-    for t in tensors:
-        max_offset = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-        if t.numel() >= _INT32_LIMIT or max_offset >= _INT32_LIMIT:
-            return True
-    return False
-
-
 def _is_channels_last(t):
     """Whether C is the fastest-varying dimension of t's memory (size-1 dimensions do not count)."""
     if t.size(1) == 1:
@@ -317,7 +309,7 @@ def forward(x, out, argmax, kernel_size, stride, padding, dilation) -> None:
         x, out, argmax, C, H, W, OH, OW,
         *x.stride(), *out.stride(), *argmax.stride(), *tiles,
         BOUNDED=bounded, PLANE_ARGMAX=argmax.dtype == torch.int64, COMPUTE_FP64=x.dtype == torch.float64,
-        INDEX_64=_needs_int64(x, out, argmax), num_warps=_NUM_WARPS,
+        INDEX_64=needs_int64(x, out, argmax), num_warps=_NUM_WARPS,
         **_window_args(kernel_size, stride, padding, dilation), **meta,
     )
 
@@ -342,7 +334,7 @@ def backward(grad_out, argmax, grad_in, kernel_size, stride, padding, dilation) 
         grad_out, argmax, grad_in, C, H, W, OH, OW,
         *grad_out.stride(), *argmax.stride(), *grad_in.stride(), *tiles,
         PLANE_ARGMAX=argmax.dtype == torch.int64, COMPUTE_FP64=grad_out.dtype == torch.float64,
-        INDEX_64=_needs_int64(grad_out, argmax, grad_in), num_warps=_NUM_WARPS,
+        INDEX_64=needs_int64(grad_out, argmax, grad_in), num_warps=_NUM_WARPS,
         **_window_args(kernel_size, stride, padding, dilation), **meta,
     )
 
@@ -364,7 +356,7 @@ def unpool(x, indices, out) -> None:
     OH, OW = out.shape[2:]
     # Iterate in out's memory order so that the scattered stores of neighbouring lanes stay close.
     grid, tiles, meta = _plan(x.shape, _is_channels_last(out), True)
-    index_64 = _needs_int64(x, indices, out)
+    index_64 = needs_int64(x, indices, out)
     _max_unpool2d_kernel[grid](
         x, indices, out, C, H, W, OW, OH * OW,
         *x.stride(), *indices.stride(), *out.stride(), *tiles,
@@ -384,7 +376,7 @@ def unpool_backward(grad_out, indices, grad_in) -> None:
     _, C, H, W = grad_in.shape
     OH, OW = grad_out.shape[2:]
     grid, tiles, meta = _plan(grad_in.shape, _is_channels_last(grad_in), True)
-    index_64 = _needs_int64(grad_out, indices, grad_in)
+    index_64 = needs_int64(grad_out, indices, grad_in)
     _max_unpool2d_bwd_kernel[grid](
         grad_out, indices, grad_in, C, H, W, OW, OH * OW,
         *grad_out.stride(), *indices.stride(), *grad_in.stride(), *tiles,

@@ -682,24 +682,8 @@ at::Tensor lattice_filter_cpu(const at::Tensor& values, const at::Tensor& splat_
                               const at::Tensor& splat_weight, const at::Tensor& blur_neighbors,
                               const at::Tensor& num_vertices, const at::Tensor& splat_offsets,
                               const at::Tensor& splat_points, const at::Tensor& splat_points_weight, bool reverse) {
-  const FilterShape s = check_filter_args(values, splat_vertex, splat_weight, blur_neighbors, num_vertices,
-                                          splat_offsets, splat_points, splat_points_weight);
-  // Channels-innermost values give a channels-innermost result (no transposes in a loop that keeps that
-  // layout); anything else gives a contiguous [B, C, N].
-  const bool channels_innermost = s.C > 1 && values.stride(1) == 1;
-  at::Tensor out = channels_innermost ? at::empty({s.B, s.N, s.C}, values.options()).transpose(1, 2)
-                                      : at::empty({s.B, s.C, s.N}, values.options());
-  if (out.numel() > 0) {
-    const at::Tensor sv = splat_vertex.contiguous(), sw = splat_weight.contiguous(),
-                     bn = blur_neighbors.contiguous(), nv = num_vertices.cpu().contiguous(),
-                     so = splat_offsets.contiguous(), sp = splat_points.contiguous(),
-                     spw = splat_points_weight.contiguous();
-    check_table_ids(s, sv, bn, nv, so, sp);
-    AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "ext_lattice_filter_cpu", [&] {
-      filter_impl<scalar_t>(s, values, sv, sw, bn, nv, so, sp, spw, reverse, out);
-    });
-  }
-  return out;
+  return lattice_filter_scaled_cpu(values, std::nullopt, std::nullopt, splat_vertex, splat_weight, blur_neighbors,
+                                   num_vertices, splat_offsets, splat_points, splat_points_weight, reverse);
 }
 
 }  // namespace
