@@ -24,9 +24,9 @@ export PYTHONUNBUFFERED=1 # progress lines reach the log as they happen, and sur
 
 # Wall-clock limits per step, in seconds: a hung step is stopped and recorded, and the later steps still run.
 # pytest and the benchmark get SIGINT first, so they still write their junit report / partial results file.
-BUILD_LIMIT_S=${BUILD_LIMIT_S:-180}
+BUILD_LIMIT_S=${BUILD_LIMIT_S:-150}
 INFO_LIMIT_S=${INFO_LIMIT_S:-60}
-TESTS_LIMIT_S=${TESTS_LIMIT_S:-90}
+TESTS_LIMIT_S=${TESTS_LIMIT_S:-120}
 BENCH_LIMIT_S=${BENCH_LIMIT_S:-200}
 # The benchmark starts no case after this many seconds; the cases left become 'skipped' rows.
 BENCH_BUDGET_S=${BENCH_BUDGET_S:-150}
