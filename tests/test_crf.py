@@ -266,18 +266,23 @@ def test_non_contiguous_and_channels_last(exact_lattice):
     torch.testing.assert_close(q, expected, rtol=0, atol=1e-12)
 
 
-def test_gradients_exact(exact_lattice):
-    logits = torch.randn(1, 3, 3, 4, dtype=torch.float64, requires_grad=True)
-    image = torch.rand(1, 2, 3, 4, dtype=torch.float64) * 30
+def _gradcheck_dense_crf(batch: int, channels: int, colour_range: float, srgb: float) -> None:
+    """gradcheck in float64 of 3 CRF iterations w.r.t. the logits, both kernel weights and the compatibility."""
+    logits = torch.randn(batch, 3, 3, 4, dtype=torch.float64, requires_grad=True)
+    image = torch.rand(batch, channels, 3, 4, dtype=torch.float64) * colour_range
     wg = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
     wb = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
     compat = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
 
     def f(lg, g, b, c):
         return fastseg.dense_crf(lg, image, iterations=3, gaussian_sxy=1.0, gaussian_weight=g, bilateral_sxy=2.0,
-                                 bilateral_srgb=10.0, bilateral_weight=b, compatibility=c)
+                                 bilateral_srgb=srgb, bilateral_weight=b, compatibility=c)
 
     assert torch.autograd.gradcheck(f, (logits, wg, wb, compat))
+
+
+def test_gradients_exact(exact_lattice):
+    _gradcheck_dense_crf(batch=1, channels=2, colour_range=30, srgb=10.0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -411,17 +416,7 @@ def test_3d_close_to_exact_brute_force():
 
 @needs_lattice
 def test_gradcheck_lattice():
-    logits = torch.randn(2, 3, 3, 4, dtype=torch.float64, requires_grad=True)
-    image = torch.rand(2, 3, 3, 4, dtype=torch.float64) * 50
-    wg = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
-    wb = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
-    compat = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
-
-    def f(lg, g, b, c):
-        return fastseg.dense_crf(lg, image, iterations=3, gaussian_sxy=1.0, gaussian_weight=g, bilateral_sxy=2.0,
-                                 bilateral_srgb=20.0, bilateral_weight=b, compatibility=c)
-
-    assert torch.autograd.gradcheck(f, (logits, wg, wb, compat))
+    _gradcheck_dense_crf(batch=2, channels=3, colour_range=50, srgb=20.0)
 
 
 @needs_lattice
