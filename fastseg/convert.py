@@ -1,0 +1,507 @@
+"""The drop-in converter: ``optimize(model)`` runs a PyTorch model on fastseg's kernels, ``revert(model)`` undoes it.
+
+What ``optimize`` changes, in any nn.Module tree (fastseg's reference networks, torchvision's,
+segmentation_models_pytorch's, your own):
+
+- every ``nn.Conv2d`` (that class exactly; groups 1 or depthwise) becomes a ``fastseg.nn.FusedConv2d``;
+- every ``nn.MaxPool2d`` / ``nn.MaxUnpool2d`` (exactly) becomes ``fastseg.nn.MaxPool2d`` / ``MaxUnpool2d``;
+- a chain ``Conv2d -> BatchNorm2d -> ReLU`` (or ``Conv2d -> BatchNorm2d``, or ``Conv2d -> ReLU``) that it can
+  prove runs in that order, each module's output going to the next one only, is fused: the convolution becomes
+  a ``FusedChainConv2d``, which computes the whole chain in one kernel through a ``fastseg.nn.ConvBNAct`` over
+  the chain's modules whenever the BatchNorm is a fixed affine map (eval mode with running statistics, or no
+  BatchNorm), and the ``FoldedBatchNorm2d`` / ``FoldedReLU`` after it then pass their input through. With the
+  BatchNorm computing batch statistics (training) the three run one after the other as before, so batch and
+  running statistics are exactly nn.BatchNorm2d's. A model with frozen (eval-mode) BatchNorms fuses in training
+  too.
+
+How a module is swapped: its class is changed in place (``module.__class__ = FusedConv2d``, as
+torch.nn.utils.parametrize does). Every drop-in is a subclass of the torch class it replaces and adds no
+parameters or buffers, so the module keeps its identity, parameters, buffers, hooks and attributes: the
+state_dict keys and values, named_parameters(), named_buffers() and every reference to the module (an optimizer,
+another attribute that holds it) are exactly the original's. A checkpoint saved from the original loads into the
+optimized model with strict=True and the other way round. (fastseg.nn.ConvBNAct itself cannot stand in a
+chain's place: its submodules ``conv``/``bn``/``act`` would rename the keys, ``seq.0.weight`` becoming
+``seq.0.conv.weight``. So the chain's ConvBNAct is held by the convolution outside the module tree, and the
+BatchNorm keeps its parameters and buffers under its own name.)
+
+How the order of a chain is proven. A module's place in the tree says nothing about when it runs; its parent's
+forward decides. So:
+
+- in an ``nn.Sequential`` (or a subclass that keeps Sequential's forward), consecutive children run in order,
+  each taking the previous one's output: that is the forward;
+- for any other parent, its forward is traced with torch.fx (every submodule call recorded as one node, nothing
+  traced into), once in training and once in eval mode: a chain needs the convolution's only user to be the
+  BatchNorm (the BatchNorm's only user the ReLU), called on that output alone, in both traces. This finds
+  torchvision's ResNet blocks (``conv1 -> bn1``; their ``relu`` is called several times, so it is not fused and
+  keeps running on its own). A forward that torch.fx cannot trace (data-dependent control flow, calls of
+  modules outside the tree) proves nothing: its convolutions become FusedConv2d alone, and the report says why
+  its BatchNorms were left.
+
+Besides, each module of a chain must be registered in one place of the tree, be called exactly once by the
+forwards seen (a traced forward that calls a module of another parent counts), be of the torch class exactly
+(a subclass may change forward) and have no forward or backward hooks (they would see the fused values).
+What cannot be seen: code that calls a module directly from outside its parent's forward in a forward that
+torch.fx could not trace, or Python control flow that takes another branch later than while tracing. Slicing an
+optimized nn.Sequential between a chain's modules splits the chain; convert after the model is assembled.
+
+A FusedConv2d alone computes the same function as the nn.Conv2d it was, whoever calls it, so every nn.Conv2d of
+a supported kind is swapped, also where no chain is proven. Modules of fastseg's own (ConvBNAct, DenseCRF, the
+drop-ins) are left as they are, and optimize does not look inside them.
+
+Reporting: ``optimize(model, report=True)`` returns ``(model, ConversionReport)``, one ``Decision`` per
+convolution, BatchNorm2d, pooling and unpooling module (and per fused ReLU): what it became, or why it was left.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fastseg.nn.conv import ConvBNAct, FusedConv2d
+from fastseg.nn.crf import DenseCRF
+from fastseg.nn.pooling import MaxPool2d, MaxUnpool2d
+
+__all__ = ["ConversionReport", "Decision", "FoldedBatchNorm2d", "FoldedReLU", "FusedChainConv2d", "optimize",
+           "revert"]
+
+
+# --- the chain's modules ------------------------------------------------------------------------------------
+
+
+def _folds(bn: nn.BatchNorm2d | None) -> bool:
+    """Whether a chain with this BatchNorm (None: no BatchNorm) runs as one kernel now: the BatchNorm is a fixed
+    per-channel affine map (eval mode with running statistics), as fastseg.nn.ConvBNAct folds it."""
+    return bn is None or (not bn.training and bn.running_mean is not None)
+
+
+class FusedChainConv2d(FusedConv2d):
+    """The convolution of a proven chain conv -> BatchNorm2d -> ReLU (BatchNorm or ReLU may be absent).
+
+    When the chain folds (see the module doc) it returns relu(bn(conv(x))) from one fused kernel, computed by the
+    fastseg.nn.ConvBNAct in ``self._chain`` (kept outside the module tree, so that no state_dict key changes);
+    the FoldedBatchNorm2d and FoldedReLU after it pass that through. Otherwise it is a FusedConv2d.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        chain = self._chain
+        if _folds(chain.bn):
+            return chain(input)
+        return super().forward(input)
+
+    def extra_repr(self) -> str:
+        fused = [type(m).__name__ for m in (self._chain.bn, self._chain.act)
+                 if m is not None and not isinstance(m, nn.Identity)]
+        return f"{super().extra_repr()}, fused with the following {' and '.join(fused)}"
+
+
+class FoldedBatchNorm2d(nn.BatchNorm2d):
+    """An nn.BatchNorm2d after a FusedChainConv2d: the identity while that convolution applies it (eval mode with
+    running statistics), nn.BatchNorm2d otherwise. Same parameters, buffers and state_dict."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if _folds(self):
+            return input
+        return super().forward(input)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, folded into the preceding convolution in eval mode"
+
+
+class FoldedReLU(nn.ReLU):
+    """An nn.ReLU ending a chain: the identity while the chain's convolution applies it, nn.ReLU otherwise.
+
+    ``self._chain_bn`` is the chain's FoldedBatchNorm2d (None for conv -> ReLU), which decides whether it folds.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if _folds(self._chain_bn):
+            return input
+        return super().forward(input)
+
+    def extra_repr(self) -> str:
+        return ", ".join(filter(None, [super().extra_repr(), "folded into the preceding convolution"]))
+
+
+def _set_hidden(module: nn.Module, name: str, value) -> None:
+    """An attribute that nn.Module does not register (a module stored here is not a submodule: no state_dict key,
+    not visited by .to()/.train(); the module it points to is in the tree, where those reach it)."""
+    module.__dict__[name] = value
+
+
+def _fuse_chain(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, relu: nn.ReLU | None) -> None:
+    if bn is not None:
+        bn.__class__ = FoldedBatchNorm2d
+    if relu is not None:
+        relu.__class__ = FoldedReLU
+        _set_hidden(relu, "_chain_bn", bn)
+    conv.__class__ = FusedChainConv2d
+    _set_hidden(conv, "_chain", ConvBNAct.from_modules(conv, bn, relu))
+
+
+# Each drop-in and the torch class it came from (revert's map); optimize swaps only these torch classes exactly.
+_TORCH_CLASS = {FusedChainConv2d: nn.Conv2d, FusedConv2d: nn.Conv2d, FoldedBatchNorm2d: nn.BatchNorm2d,
+                FoldedReLU: nn.ReLU, MaxPool2d: nn.MaxPool2d, MaxUnpool2d: nn.MaxUnpool2d}
+_DROP_IN = {nn.Conv2d: FusedConv2d, nn.MaxPool2d: MaxPool2d, nn.MaxUnpool2d: MaxUnpool2d}
+_HIDDEN_ATTRIBUTES = ("_chain", "_chain_bn")
+# fastseg modules optimize leaves alone and does not look into.
+_FASTSEG_MODULES = (*_TORCH_CLASS, ConvBNAct, DenseCRF)
+
+
+# --- the report ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What optimize() did with one module.
+
+    path: where it is registered in the model ("" for the model itself; the first path if it is registered in
+    several places). kind: its class name before the conversion. action: "fused" (part of a chain), "replaced"
+    (swapped for a fastseg drop-in) or "left". detail: what it became and with which modules, or why it was left.
+    """
+
+    path: str
+    kind: str
+    action: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class ConversionReport:
+    """optimize()'s decisions, in the model's module order."""
+
+    decisions: tuple[Decision, ...]
+
+    @property
+    def converted(self) -> list[Decision]:
+        return [d for d in self.decisions if d.action != "left"]
+
+    @property
+    def left(self) -> list[Decision]:
+        return [d for d in self.decisions if d.action == "left"]
+
+    def __getitem__(self, path: str) -> Decision:
+        for decision in self.decisions:
+            if decision.path == path:
+                return decision
+        raise KeyError(f"ConversionReport: no decision for module path {path!r}")
+
+    def __str__(self) -> str:
+        counts = Counter(d.action for d in self.decisions)
+        lines = [f"fastseg.optimize: {counts['fused']} fused, {counts['replaced']} replaced, {counts['left']} left"]
+        lines += [f"  {d.path or '(model)'} [{d.kind}] {d.action}: {d.detail}" for d in self.decisions]
+        return "\n".join(lines)
+
+
+# --- what the tree and the forwards prove -----------------------------------------------------------------------
+
+
+class _ChildCallTracer(torch.fx.Tracer):
+    """Traces one module's own forward: each submodule call is one call_module node, never traced into."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+def _trace(parent: nn.Module) -> list[torch.fx.Graph]:
+    """parent's forward traced in training and in eval mode (only parent's own flag changes, then is restored)."""
+    was_training = parent.training
+    try:
+        graphs = []
+        for training in (True, False):
+            parent.training = training
+            graphs.append(_ChildCallTracer().trace(parent))
+        return graphs
+    finally:
+        parent.training = was_training
+
+
+def _runs_sequentially(module: nn.Module) -> bool:
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
+def _has_forward(module: nn.Module) -> bool:
+    return type(module).forward is not nn.Module.forward
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+class _Analysis:
+    """The model's tree and what its parents' forwards prove about the order of their children's calls."""
+
+    def __init__(self, model: nn.Module):
+        self.paths: dict[int, str] = {id(model): ""}      # module id -> first path
+        self.modules: list[nn.Module] = [model]           # each module once, in tree order
+        self.registrations: Counter[int] = Counter()      # module id -> number of (parent, name) registrations
+        self._walk(model)
+        self.calls: Counter[int] = Counter()              # module id -> calls seen in the forwards looked at
+        self.unproven: dict[int, str] = {}                # module id -> why its calls are unknown
+        self.successor: dict[int, nn.Module] = {}         # module id -> the sibling that alone takes its output
+        self.prover: dict[int, str] = {}                  # module id -> how its successor was proven
+        for parent in self.modules:
+            if parent._modules and not isinstance(parent, _FASTSEG_MODULES):
+                self._read_forward(parent)
+
+    def _walk(self, parent: nn.Module) -> None:
+        """Pre-order: every module once, under its first path; fastseg modules are not looked into."""
+        if isinstance(parent, _FASTSEG_MODULES):
+            return
+        for name, child in parent._modules.items():
+            if child is None:
+                continue
+            self.registrations[id(child)] += 1
+            if id(child) not in self.paths:
+                prefix = self.paths[id(parent)]
+                self.paths[id(child)] = f"{prefix}.{name}" if prefix else name
+                self.modules.append(child)
+                self._walk(child)
+
+    def path(self, module: nn.Module) -> str:
+        return self.paths[id(module)]
+
+    def _read_forward(self, parent: nn.Module) -> None:
+        children = [c for c in parent._modules.values() if c is not None]
+        where = f"{self.path(parent)!r} ({type(parent).__name__})" if self.path(parent) else (
+            f"the model ({type(parent).__name__})")
+        if _runs_sequentially(parent):
+            for child, following in zip(children, children[1:] + [None]):
+                self.calls[id(child)] += 1
+                if following is not None:
+                    self.successor[id(child)] = following
+                    self.prover[id(child)] = f"{where} is an nn.Sequential: its children run in sequence"
+            return
+        if not _has_forward(parent):
+            for child in children:
+                self.unproven[id(child)] = (f"its parent {where} has no forward of its own: which code calls it, in "
+                                            "which order, is unknown")
+            return
+        try:
+            graphs = _trace(parent)
+        except Exception as error:  # any failure of tracing user code means: nothing proven
+            for child in children:
+                self.unproven.setdefault(
+                    id(child), f"order unproven: torch.fx cannot trace the forward of {where} ({_first_line(error)})")
+            return
+        per_mode = [self._read_graph(parent, graph) for graph in graphs]
+        (train_calls, train_next), (eval_calls, eval_next) = per_mode
+        for key in train_calls.keys() | eval_calls.keys():
+            self.calls[key] += max(train_calls[key], eval_calls[key])
+        for key, following in train_next.items():
+            if eval_next.get(key) is following:
+                self.successor[key] = following
+                self.prover[key] = f"torch.fx traces of the forward of {where}"
+
+    @staticmethod
+    def _read_graph(parent: nn.Module, graph: torch.fx.Graph) -> tuple[Counter[int], dict[int, nn.Module]]:
+        """(calls per module, child -> the child that alone consumes its output, on its output alone)."""
+        calls: Counter[int] = Counter()
+        successor: dict[int, nn.Module] = {}
+        for node in graph.nodes:
+            if node.op != "call_module":
+                continue
+            module = parent.get_submodule(node.target)
+            calls[id(module)] += 1
+            if "." in node.target or len(node.users) != 1:
+                continue
+            (user,) = node.users
+            if user.op == "call_module" and "." not in user.target and user.args == (node,) and not user.kwargs:
+                successor[id(module)] = parent.get_submodule(user.target)
+        return calls, successor
+
+    def why_not_in_chain(self, module: nn.Module) -> str | None:
+        """Why module cannot be part of a chain, or None if it can (class and kind checked by the caller)."""
+        key = id(module)
+        if self.registrations[key] > 1:
+            return f"registered in {self.registrations[key]} places: fusing it would change its other uses"
+        if _has_hooks(module):
+            return "has forward or backward hooks, which would see the fused values"
+        if key in self.unproven:
+            return self.unproven[key]
+        if self.calls[key] != 1:
+            return f"called {self.calls[key]} times by the forwards seen: order unproven"
+        return None
+
+
+# --- the decisions --------------------------------------------------------------------------------------------
+
+
+def _why_conv_unsupported(conv: nn.Module) -> str | None:
+    """Why a convolution cannot become a FusedConv2d, or None."""
+    if isinstance(conv, nn.ConvTranspose2d):
+        return "transposed convolution: fastseg has no kernel for it"
+    if type(conv) is not nn.Conv2d:
+        return _why_subclass_left(conv)
+    if conv.groups != 1 and conv.groups != conv.in_channels:
+        return (f"groups={conv.groups} with {conv.in_channels} input channels: the fused kernel does groups=1 and "
+                "depthwise only")
+    return None
+
+
+def _plan(model: nn.Module) -> tuple[list[tuple], list[nn.Module], list[Decision]]:
+    """The chains to fuse (conv, bn or None, relu or None), the modules to swap for their drop-ins, and one
+    Decision per reported module."""
+    analysis = _Analysis(model)
+    chains: list[tuple] = []
+    in_chain: dict[int, str] = {}      # module id -> its decision's detail
+    blocked: dict[int, str] = {}       # BatchNorm id -> why the convolution before it does not take it
+    for conv in analysis.modules:
+        if not isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)):
+            continue
+        unsupported = _why_conv_unsupported(conv)
+        if unsupported is None:
+            chain = _chain_from(conv, analysis, blocked)
+            if chain is not None:
+                chains.append(chain)
+                _describe_chain(chain, analysis, in_chain)
+        elif isinstance(analysis.successor.get(id(conv)), nn.BatchNorm2d):
+            blocked[id(analysis.successor[id(conv)])] = (
+                f"its convolution {analysis.path(conv)!r} cannot carry it: {unsupported}")
+
+    swaps, decisions = [], []
+    for module in analysis.modules:
+        key, path, kind = id(module), analysis.path(module), type(module).__name__
+        if key in in_chain:
+            decisions.append(Decision(path, kind, "fused", in_chain[key]))
+        elif isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            reason = _why_conv_unsupported(module)
+            if reason is None:
+                swaps.append(module)
+                decisions.append(Decision(path, kind, "replaced", "FusedConv2d (same function, fastseg's kernel)"))
+            else:
+                decisions.append(Decision(path, kind, "left", reason))
+        elif isinstance(module, nn.BatchNorm2d):
+            if type(module) is not nn.BatchNorm2d:
+                reason = _why_subclass_left(module)
+            else:
+                reason = (blocked.get(key) or analysis.why_not_in_chain(module)
+                          or "its input is not the output of a fusable nn.Conv2d used by it alone")
+            decisions.append(Decision(path, kind, "left", f"not fused: {reason}"))
+        elif isinstance(module, (nn.MaxPool2d, nn.MaxUnpool2d)):
+            if type(module) in _DROP_IN:
+                swaps.append(module)
+                decisions.append(Decision(path, kind, "replaced", f"fastseg.nn.{_DROP_IN[type(module)].__name__}"))
+            else:
+                decisions.append(Decision(path, kind, "left", _why_subclass_left(module)))
+        elif isinstance(module, _FASTSEG_MODULES):
+            decisions.append(Decision(path, kind, "left", "already a fastseg module"))
+    return chains, swaps, decisions
+
+
+def _why_subclass_left(module: nn.Module) -> str:
+    if isinstance(module, _FASTSEG_MODULES):
+        return "already a fastseg module"
+    torch_class = next(c for c in type(module).__mro__[1:] if c.__module__.startswith("torch.nn"))
+    return f"a subclass of nn.{torch_class.__name__} ({type(module).__qualname__}), whose forward may differ"
+
+
+def _chain_from(conv: nn.Conv2d, analysis: _Analysis, blocked: dict[int, str]):
+    """The chain (conv, bn, relu) starting at conv, or None; notes in `blocked` why a following BatchNorm2d is not
+    taken."""
+    following = analysis.successor.get(id(conv))
+    if following is None or type(following) not in (nn.BatchNorm2d, nn.ReLU):
+        return None
+    conv_reason = analysis.why_not_in_chain(conv)
+    if conv_reason is not None:
+        if type(following) is nn.BatchNorm2d:
+            blocked[id(following)] = f"its convolution {analysis.path(conv)!r} cannot carry it: {conv_reason}"
+        return None
+    bn = None
+    if type(following) is nn.BatchNorm2d:
+        if following.num_features != conv.out_channels:
+            blocked[id(following)] = (f"has {following.num_features} features, its convolution "
+                                      f"{conv.out_channels} outputs")
+            return None
+        if analysis.why_not_in_chain(following) is not None:
+            return None
+        bn = following
+        following = analysis.successor.get(id(bn))
+    relu = following if type(following) is nn.ReLU and analysis.why_not_in_chain(following) is None else None
+    if bn is None and relu is None:
+        return None
+    return conv, bn, relu
+
+
+def _describe_chain(chain: tuple, analysis: _Analysis, in_chain: dict[int, str]) -> None:
+    conv, bn, relu = chain
+    members = [m for m in chain if m is not None]
+    names = " -> ".join(f"{analysis.path(m)!r}" for m in members)
+    proof = f"proof: {analysis.prover[id(conv)]}"
+    when = "while the BatchNorm is in eval mode" if bn is not None else "always"
+    in_chain[id(conv)] = f"FusedChainConv2d: {names} in one kernel {when}; {proof}"
+    if bn is not None:
+        in_chain[id(bn)] = f"FoldedBatchNorm2d: folded into {analysis.path(conv)!r} in eval mode; {proof}"
+    if relu is not None:
+        in_chain[id(relu)] = f"FoldedReLU: applied by the kernel of {analysis.path(conv)!r}; {proof}"
+
+
+# --- the public functions ---------------------------------------------------------------------------------------
+
+
+def _check_module(model, function: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastseg.{function}: expected a torch.nn.Module, but got {type(model).__name__}")
+
+
+def _copy(model: nn.Module, function: str) -> nn.Module:
+    try:
+        return copy.deepcopy(model)
+    except Exception as error:
+        raise RuntimeError(f"fastseg.{function}: copying the model failed ({_first_line(error)}); pass "
+                           "inplace=True to convert the model itself") from error
+
+
+def optimize(model: nn.Module, *, inplace: bool = False, report: bool = False):
+    """The model with its convolutions, BatchNorm/ReLU chains and max-pooling running on fastseg's kernels.
+
+    See the module doc for what is swapped, how a chain's order is proven, and why the state_dict, parameter
+    names and outputs stay the same (up to the rounding of a folded BatchNorm).
+
+    Args:
+        model: any torch.nn.Module, on any device (also 'meta': nothing is computed).
+        inplace: False (default): convert a deep copy; the original is untouched and shares no parameter or
+            buffer with the result. True: convert the model's own modules (same objects, same parameters) and
+            return it.
+        report: also return a ConversionReport of what was fused, replaced and left, and why.
+
+    Returns:
+        The optimized model, or (model, ConversionReport) when report is True.
+    """
+    _check_module(model, "optimize")
+    if not inplace:
+        model = _copy(model, "optimize")
+    chains, swaps, decisions = _plan(model)
+    for chain in chains:
+        _fuse_chain(*chain)
+    for module in swaps:
+        module.__class__ = _DROP_IN[type(module)]
+    return (model, ConversionReport(tuple(decisions))) if report else model
+
+
+def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """The model with every fastseg drop-in (FusedConv2d, MaxPool2d, MaxUnpool2d and a chain's modules) turned
+    back into the torch module it is a subclass of: the same parameters, buffers, state_dict and outputs as the
+    model optimize() was given. fastseg.nn.ConvBNAct and DenseCRF have no torch counterpart and stay.
+
+    inplace: as in optimize (False: a deep copy is reverted; True: the model's own modules are).
+    """
+    _check_module(model, "revert")
+    if not inplace:
+        model = _copy(model, "revert")
+    for module in model.modules():
+        torch_class = _TORCH_CLASS.get(type(module))
+        if torch_class is not None:
+            for name in _HIDDEN_ATTRIBUTES:
+                module.__dict__.pop(name, None)
+            module.__class__ = torch_class
+    return model
