@@ -48,8 +48,9 @@ A FusedConv2d alone computes the same function as the nn.Conv2d it was, whoever 
 a supported kind is swapped, also where no chain is proven. Modules of fastseg's own (ConvBNAct, DenseCRF, the
 drop-ins) are left as they are, and optimize does not look inside them.
 
-Reporting: ``optimize(model, report=True)`` returns ``(model, ConversionReport)``, one ``Decision`` per
-convolution, BatchNorm2d, pooling and unpooling module (and per fused ReLU): what it became, or why it was left.
+Reporting: ``optimize(model, report=True)`` returns ``(model, ConversionReport)``: one ``Decision`` per
+convolution, BatchNorm2d, pooling, unpooling and fastseg module, and per ReLU that a chain fused or could not take,
+saying what it became (and, for a chain, by which proof), or why it was left. ``print(report)`` lists them.
 """
 
 from __future__ import annotations
@@ -248,6 +249,7 @@ class _Analysis:
         self.calls: Counter[int] = Counter()              # module id -> calls seen in the forwards looked at
         self.unproven: dict[int, str] = {}                # module id -> why its calls are unknown
         self.successor: dict[int, nn.Module] = {}         # module id -> the sibling that alone takes its output
+        self.predecessor: dict[int, nn.Module] = {}       # module id -> the sibling whose output it alone takes
         self.prover: dict[int, str] = {}                  # module id -> how its successor was proven
         for parent in self.modules:
             if parent._modules and not isinstance(parent, _FASTSEG_MODULES):
@@ -275,16 +277,15 @@ class _Analysis:
         where = f"{self.path(parent)!r} ({type(parent).__name__})" if self.path(parent) else (
             f"the model ({type(parent).__name__})")
         if _runs_sequentially(parent):
-            for child, following in zip(children, children[1:] + [None]):
+            for child in children:
                 self.calls[id(child)] += 1
-                if following is not None:
-                    self.successor[id(child)] = following
-                    self.prover[id(child)] = f"{where} is an nn.Sequential: its children run in sequence"
+            for child, following in zip(children, children[1:]):
+                self._link(child, following, f"{where} is an nn.Sequential: its children run in sequence")
             return
         if not _has_forward(parent):
             for child in children:
-                self.unproven[id(child)] = (f"its parent {where} has no forward of its own: which code calls it, in "
-                                            "which order, is unknown")
+                self.unproven.setdefault(id(child), f"its parent {where} has no forward of its own: which code "
+                                                    "calls it, in which order, is unknown")
             return
         try:
             graphs = _trace(parent)
@@ -293,20 +294,24 @@ class _Analysis:
                 self.unproven.setdefault(
                     id(child), f"order unproven: torch.fx cannot trace the forward of {where} ({_first_line(error)})")
             return
-        per_mode = [self._read_graph(parent, graph) for graph in graphs]
-        (train_calls, train_next), (eval_calls, eval_next) = per_mode
+        (train_calls, train_links), (eval_calls, eval_links) = [
+            self._read_graph(parent, graph) for graph in graphs]
         for key in train_calls.keys() | eval_calls.keys():
             self.calls[key] += max(train_calls[key], eval_calls[key])
-        for key, following in train_next.items():
-            if eval_next.get(key) is following:
-                self.successor[key] = following
-                self.prover[key] = f"torch.fx traces of the forward of {where}"
+        for key, link in train_links.items():
+            if eval_links.get(key, (None, None))[1] is link[1]:
+                self._link(*link, f"torch.fx traces of the forward of {where}")
+
+    def _link(self, module: nn.Module, following: nn.Module, proof: str) -> None:
+        self.successor[id(module)] = following
+        self.predecessor[id(following)] = module
+        self.prover[id(module)] = proof
 
     @staticmethod
-    def _read_graph(parent: nn.Module, graph: torch.fx.Graph) -> tuple[Counter[int], dict[int, nn.Module]]:
-        """(calls per module, child -> the child that alone consumes its output, on its output alone)."""
+    def _read_graph(parent: nn.Module, graph: torch.fx.Graph):
+        """(calls per module id, child id -> (child, the child that alone consumes its output, on it alone))."""
         calls: Counter[int] = Counter()
-        successor: dict[int, nn.Module] = {}
+        links: dict[int, tuple[nn.Module, nn.Module]] = {}
         for node in graph.nodes:
             if node.op != "call_module":
                 continue
@@ -316,8 +321,8 @@ class _Analysis:
                 continue
             (user,) = node.users
             if user.op == "call_module" and "." not in user.target and user.args == (node,) and not user.kwargs:
-                successor[id(module)] = parent.get_submodule(user.target)
-        return calls, successor
+                links[id(module)] = (module, parent.get_submodule(user.target))
+        return calls, links
 
     def why_not_in_chain(self, module: nn.Module) -> str | None:
         """Why module cannot be part of a chain, or None if it can (class and kind checked by the caller)."""
@@ -329,7 +334,7 @@ class _Analysis:
         if key in self.unproven:
             return self.unproven[key]
         if self.calls[key] != 1:
-            return f"called {self.calls[key]} times by the forwards seen: order unproven"
+            return f"called {self.calls[key]} times by the forwards seen, where a fused module must run once"
         return None
 
 
@@ -354,19 +359,15 @@ def _plan(model: nn.Module) -> tuple[list[tuple], list[nn.Module], list[Decision
     analysis = _Analysis(model)
     chains: list[tuple] = []
     in_chain: dict[int, str] = {}      # module id -> its decision's detail
-    blocked: dict[int, str] = {}       # BatchNorm id -> why the convolution before it does not take it
+    blocked: dict[int, str] = {}       # BatchNorm / ReLU id -> why the chain before it does not take it
     for conv in analysis.modules:
         if not isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)):
             continue
-        unsupported = _why_conv_unsupported(conv)
-        if unsupported is None:
+        if _why_conv_unsupported(conv) is None:
             chain = _chain_from(conv, analysis, blocked)
             if chain is not None:
                 chains.append(chain)
                 _describe_chain(chain, analysis, in_chain)
-        elif isinstance(analysis.successor.get(id(conv)), nn.BatchNorm2d):
-            blocked[id(analysis.successor[id(conv)])] = (
-                f"its convolution {analysis.path(conv)!r} cannot carry it: {unsupported}")
 
     swaps, decisions = [], []
     for module in analysis.modules:
@@ -384,8 +385,8 @@ def _plan(model: nn.Module) -> tuple[list[tuple], list[nn.Module], list[Decision
             if type(module) is not nn.BatchNorm2d:
                 reason = _why_subclass_left(module)
             else:
-                reason = (blocked.get(key) or analysis.why_not_in_chain(module)
-                          or "its input is not the output of a fusable nn.Conv2d used by it alone")
+                reason = blocked.get(key) or analysis.why_not_in_chain(module) or _why_conv_does_not_carry(
+                    analysis.predecessor.get(key), analysis)
             decisions.append(Decision(path, kind, "left", f"not fused: {reason}"))
         elif isinstance(module, (nn.MaxPool2d, nn.MaxUnpool2d)):
             if type(module) in _DROP_IN:
@@ -393,9 +394,19 @@ def _plan(model: nn.Module) -> tuple[list[tuple], list[nn.Module], list[Decision
                 decisions.append(Decision(path, kind, "replaced", f"fastseg.nn.{_DROP_IN[type(module)].__name__}"))
             else:
                 decisions.append(Decision(path, kind, "left", _why_subclass_left(module)))
+        elif isinstance(module, nn.ReLU) and key in blocked:
+            decisions.append(Decision(path, kind, "left", blocked[key]))
         elif isinstance(module, _FASTSEG_MODULES):
             decisions.append(Decision(path, kind, "left", "already a fastseg module"))
     return chains, swaps, decisions
+
+
+def _why_conv_does_not_carry(conv: nn.Module | None, analysis: _Analysis) -> str:
+    """Why the module before an unfused BatchNorm2d did not take it into a chain."""
+    if not isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)):
+        return "its input is not the output of an nn.Conv2d used by it alone"
+    reason = _why_conv_unsupported(conv) or analysis.why_not_in_chain(conv)
+    return f"its convolution {analysis.path(conv)!r} cannot carry it: {reason}"
 
 
 def _why_subclass_left(module: nn.Module) -> str:
@@ -406,15 +417,12 @@ def _why_subclass_left(module: nn.Module) -> str:
 
 
 def _chain_from(conv: nn.Conv2d, analysis: _Analysis, blocked: dict[int, str]):
-    """The chain (conv, bn, relu) starting at conv, or None; notes in `blocked` why a following BatchNorm2d is not
-    taken."""
+    """The chain (conv, bn, relu) starting at conv, or None; notes in `blocked` why a BatchNorm2d or ReLU that
+    follows is not taken."""
     following = analysis.successor.get(id(conv))
     if following is None or type(following) not in (nn.BatchNorm2d, nn.ReLU):
         return None
-    conv_reason = analysis.why_not_in_chain(conv)
-    if conv_reason is not None:
-        if type(following) is nn.BatchNorm2d:
-            blocked[id(following)] = f"its convolution {analysis.path(conv)!r} cannot carry it: {conv_reason}"
+    if analysis.why_not_in_chain(conv) is not None:
         return None
     bn = None
     if type(following) is nn.BatchNorm2d:
@@ -426,7 +434,13 @@ def _chain_from(conv: nn.Conv2d, analysis: _Analysis, blocked: dict[int, str]):
             return None
         bn = following
         following = analysis.successor.get(id(bn))
-    relu = following if type(following) is nn.ReLU and analysis.why_not_in_chain(following) is None else None
+    relu = None
+    if type(following) is nn.ReLU:
+        relu_reason = analysis.why_not_in_chain(following)
+        if relu_reason is None:
+            relu = following
+        else:
+            blocked[id(following)] = f"not fused: {relu_reason}"
     if bn is None and relu is None:
         return None
     return conv, bn, relu
