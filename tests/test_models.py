@@ -404,6 +404,16 @@ def test_conv_bn_relu_runs_are_sequential_neighbours():
                     assert children[i - 1].out_channels == child.num_features, name
 
 
+def test_resnet_forwards_are_fx_traceable():
+    # fastseg's converter proves conv -> BN -> ReLU order outside nn.Sequential by torch.fx-tracing the parent's
+    # forward: the ResNet trunk (its stem), the bottleneck and ASPP's image pooling must trace.
+    model = on_meta(deeplabv3_resnet50, num_classes=3, base_width=2, aux_loss=True)
+    for module in (model.backbone, model.backbone.layer1[0], model.classifier[0].convs[4]):
+        graph = torch.fx.symbolic_trace(module).graph
+        called = [node.target for node in graph.nodes if node.op == "call_module"]
+        assert len(called) == len(set(called))  # every module runs once
+
+
 # --------------------------------------------------------------------------------------------------------------
 # SegNet's unpooling
 # --------------------------------------------------------------------------------------------------------------

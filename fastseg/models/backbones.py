@@ -10,8 +10,9 @@ parameter names so that torchvision checkpoints load as they are:
   ..., ``layer1.0.downsample.0/1``), returning chosen stages the way torchvision's IntermediateLayerGetter does,
   with ``replace_stride_with_dilation`` for dense prediction.
 
-Conv -> BatchNorm -> ReLU runs are consecutive children of an nn.Sequential (VGG) or attributes applied in that
-order (ResNet's Bottleneck, whose names torchvision fixes), which is what fastseg's converter looks for.
+Conv -> BatchNorm -> ReLU runs are consecutive children of an nn.Sequential (VGG) or attributes each applied
+once, in that order, by a torch.fx-traceable forward (ResNet, whose names torchvision fixes): what fastseg's
+converter needs to prove a chain and fuse it.
 
 ``base_width`` (64 in the papers) scales every channel count; small values build scaled-down copies for tests.
 """
@@ -19,7 +20,7 @@ order (ResNet's Bottleneck, whose names torchvision fixes), which is what fastse
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -92,6 +93,10 @@ class Bottleneck(nn.Module):
 
     The stride sits on the 3x3 convolution (torchvision's "ResNet v1.5"); He et al.'s original Caffe model
     strides in the first 1x1. The parameters have the same shapes either way.
+
+    Each ReLU is its own module (relu1..3), where torchvision calls one ``relu`` three times: ReLUs have no
+    state, so the state_dict is torchvision's, and each conv -> BN -> ReLU runs once, which fastseg's converter
+    needs to fuse it.
     """
 
     expansion = 4
@@ -101,20 +106,22 @@ class Bottleneck(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
+        self.relu1 = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
+        self.relu2 = nn.ReLU(inplace=True)
         self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu3 = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.relu2(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        return self.relu3(out + identity)
 
 
 class ResNet(nn.Module):
@@ -190,7 +197,8 @@ class ResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
-        check_image_batch(type(self).__name__, x, self.in_channels)
+        # No input check here (the networks check): it would stop torch.fx, and with it fastseg's converter,
+        # from tracing this forward and fusing the stem's conv1 -> bn1 -> relu.
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         outputs: OrderedDict[str, Tensor] = OrderedDict()
         for name in ("layer1", "layer2", "layer3", "layer4"):
@@ -212,9 +220,7 @@ def resnet101(**kwargs) -> ResNet:
     return ResNet((3, 4, 23, 3), **kwargs)
 
 
-RESNETS: dict[str, Callable[..., ResNet]] = {"resnet50": resnet50, "resnet101": resnet101}
-
-
 def upsample_to(x: Tensor, size: Sequence[int], align_corners: bool = False) -> Tensor:
-    """Bilinear resize of score maps to `size` (the input's H, W)."""
-    return torch.nn.functional.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners)
+    """Bilinear resize of score maps to `size` (the input's H, W; passed on as given, so that torch.fx can
+    trace a forward that takes it from x.shape)."""
+    return torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)

@@ -104,6 +104,7 @@ class DeepLabV2(nn.Module):
         self.crf = crf
 
     def forward(self, x: Tensor, image: Tensor | None = None) -> Tensor:
+        check_image_batch("DeepLabV2", x, self.backbone.in_channels)
         scores = self.aspp(self.backbone(x)["out"])
         scores = upsample_to(scores, x.shape[-2:], align_corners=True)  # as v1: Caffe's Interp
         return scores if self.crf is None else refine_with_crf(self.crf, scores, x, image)

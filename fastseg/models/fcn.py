@@ -142,6 +142,7 @@ class SegmentationModel(nn.Module):
         self.aux_classifier = aux_classifier
 
     def forward(self, x: Tensor) -> Tensor | "OrderedDict[str, Tensor]":
+        check_image_batch(type(self).__name__, x, self.backbone.in_channels)
         features = self.backbone(x)
         out = upsample_to(self.classifier(features["out"]), x.shape[-2:])
         if self.aux_classifier is None:
