@@ -43,6 +43,8 @@ forwards seen (a traced forward that calls a module of another parent counts), b
 What cannot be seen: code that calls a module directly from outside its parent's forward in a forward that
 torch.fx could not trace, or Python control flow that takes another branch later than while tracing. Slicing an
 optimized nn.Sequential between a chain's modules splits the chain; convert after the model is assembled.
+nn.DataParallel's per-GPU copies cannot keep a chain's references to its other modules, so they run unfused
+(FusedConv2d, BatchNorm2d, ReLU); DistributedDataParallel, which does not copy modules, runs the chains.
 
 A FusedConv2d alone computes the same function as the nn.Conv2d it was, whoever calls it, so every nn.Conv2d of
 a supported kind is swapped, also where no chain is proven. Modules of fastseg's own (ConvBNAct, DenseCRF, the
@@ -79,7 +81,18 @@ def _folds(bn: nn.BatchNorm2d | None) -> bool:
     return bn is None or (not bn.training and bn.running_mean is not None)
 
 
-class FusedChainConv2d(FusedConv2d):
+class _ChainMember:
+    """A module of a fused chain. nn.DataParallel copies every module for each GPU on every forward, and a copy's
+    references to the rest of its chain would still point at the originals (on the first GPU): its copies are
+    the unfused modules instead, which compute the same function."""
+
+    def _replicate_for_data_parallel(self):
+        replica = super()._replicate_for_data_parallel()
+        _retype(replica, _UNFUSED_CLASS[type(self)])
+        return replica
+
+
+class FusedChainConv2d(_ChainMember, FusedConv2d):
     """The convolution of a proven chain conv -> BatchNorm2d -> ReLU (BatchNorm or ReLU may be absent).
 
     When the chain folds (see the module doc) it returns relu(bn(conv(x))) from one fused kernel, computed by the
@@ -99,7 +112,7 @@ class FusedChainConv2d(FusedConv2d):
         return f"{super().extra_repr()}, fused with the following {' and '.join(fused)}"
 
 
-class FoldedBatchNorm2d(nn.BatchNorm2d):
+class FoldedBatchNorm2d(_ChainMember, nn.BatchNorm2d):
     """An nn.BatchNorm2d after a FusedChainConv2d: the identity while that convolution applies it (eval mode with
     running statistics), nn.BatchNorm2d otherwise. Same parameters, buffers and state_dict."""
 
@@ -112,7 +125,7 @@ class FoldedBatchNorm2d(nn.BatchNorm2d):
         return f"{super().extra_repr()}, folded into the preceding convolution in eval mode"
 
 
-class FoldedReLU(nn.ReLU):
+class FoldedReLU(_ChainMember, nn.ReLU):
     """An nn.ReLU ending a chain: the identity while the chain's convolution applies it, nn.ReLU otherwise.
 
     ``self._chain_bn`` is the chain's FoldedBatchNorm2d (None for conv -> ReLU), which decides whether it folds.
@@ -127,10 +140,22 @@ class FoldedReLU(nn.ReLU):
         return ", ".join(filter(None, [super().extra_repr(), "folded into the preceding convolution"]))
 
 
+# Attributes a chain's modules hold outside the module tree (set with _set_hidden).
+_HIDDEN_ATTRIBUTES = ("_chain", "_chain_bn")
+_UNFUSED_CLASS = {FusedChainConv2d: FusedConv2d, FoldedBatchNorm2d: nn.BatchNorm2d, FoldedReLU: nn.ReLU}
+
+
 def _set_hidden(module: nn.Module, name: str, value) -> None:
     """An attribute that nn.Module does not register (a module stored here is not a submodule: no state_dict key,
     not visited by .to()/.train(); the module it points to is in the tree, where those reach it)."""
     module.__dict__[name] = value
+
+
+def _retype(module: nn.Module, cls: type) -> None:
+    """module becomes a cls (a class it shares its state layout with), without a chain's hidden attributes."""
+    for name in _HIDDEN_ATTRIBUTES:
+        module.__dict__.pop(name, None)
+    module.__class__ = cls
 
 
 def _fuse_chain(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, relu: nn.ReLU | None) -> None:
@@ -147,7 +172,6 @@ def _fuse_chain(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, relu: nn.ReLU | None
 _TORCH_CLASS = {FusedChainConv2d: nn.Conv2d, FusedConv2d: nn.Conv2d, FoldedBatchNorm2d: nn.BatchNorm2d,
                 FoldedReLU: nn.ReLU, MaxPool2d: nn.MaxPool2d, MaxUnpool2d: nn.MaxUnpool2d}
 _DROP_IN = {nn.Conv2d: FusedConv2d, nn.MaxPool2d: MaxPool2d, nn.MaxUnpool2d: MaxUnpool2d}
-_HIDDEN_ATTRIBUTES = ("_chain", "_chain_bn")
 # fastseg modules optimize leaves alone and does not look into.
 _FASTSEG_MODULES = (*_TORCH_CLASS, ConvBNAct, DenseCRF)
 
@@ -513,9 +537,6 @@ def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     if not inplace:
         model = _copy(model, "revert")
     for module in model.modules():
-        torch_class = _TORCH_CLASS.get(type(module))
-        if torch_class is not None:
-            for name in _HIDDEN_ATTRIBUTES:
-                module.__dict__.pop(name, None)
-            module.__class__ = torch_class
+        if type(module) in _TORCH_CLASS:
+            _retype(module, _TORCH_CLASS[type(module)])
     return model
