@@ -243,4 +243,11 @@ def torch_max_pool(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
 
     xd = x.double() if x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu" else x
     out, idx = F.max_pool2d(xd, kernel_size, stride, padding, dilation, ceil_mode, return_indices=True)
+    if x.device.type == "cuda":
+        # torch's channels_last CUDA kernel starts every window's argmax at 0 rather than at the window's first
+        # tap, so a window holding only -inf reports index 0; its NCHW CUDA kernel and the CPU kernels report
+        # the first tap, which is the contract fastseg follows in every layout (CONTRACT_max_pool.md).
+        nchw_idx = F.max_pool2d(xd.contiguous(), kernel_size, stride, padding, dilation, ceil_mode,
+                                return_indices=True)[1]
+        idx = torch.empty_like(idx).copy_(nchw_idx)  # the indices torch gives, in the strides torch gives
     return out.to(x.dtype), idx

@@ -1228,3 +1228,20 @@ def test_gpu_unpool(cuda_backend, layout):
     (ga,) = torch.autograd.grad(fastseg.max_unpool2d(a, idx, 3, 2, 1, output_size=x.shape[-2:]), a, g)
     (gb,) = torch.autograd.grad(F.max_unpool2d(b, idx, 3, 2, 1, output_size=x.shape[-2:]), b, g)
     assert_same(ga, gb)
+
+
+def test_suggested_memory_format_is_torchs():
+    """The eager fast path of the output-layout choice == torch's suggest_memory_format, on random sizes
+    (0 and 1 included), permuted strides, slices and broadcasts."""
+    from torch._prims_common import suggest_memory_format
+
+    from fastseg.ops.max_pool import _suggested_memory_format
+
+    for _ in range(500):
+        shape = [int(v) for v in torch.randint(0, 5, (4,))]
+        perm = torch.randperm(4).tolist()
+        permuted = torch.empty([shape[i] for i in perm]).permute(*[perm.index(i) for i in range(4)])
+        dense = torch.empty(shape)
+        for t in (dense, permuted, dense.contiguous(memory_format=torch.channels_last), permuted[:, :, ::2],
+                  permuted[..., 1:], torch.empty(1, shape[1], 1, 1).expand(shape[0], -1, shape[2], shape[3])):
+            assert _suggested_memory_format(t) == suggest_memory_format(t), (tuple(t.shape), t.stride())

@@ -104,8 +104,28 @@ def window_offset_dtype(window: int) -> torch.dtype:
     return torch.int32
 
 
+def _suggested_memory_format(t: Tensor) -> torch.memory_format:
+    """torch's suggest_memory_format for a 4-D tensor (ATen's is_channels_last_strides_2d_s4).
+
+    With plain int sizes and strides (eager calls) the test runs here: torch._prims_common's version wraps
+    every comparison in symbolic-shape guards and was a quarter of a small max_pool2d call's host time.
+    Symbolic shapes (torch.compile) go to that version.
+    """
+    sizes, strides = t.shape, t.stride()
+    if not all(type(v) is int for v in (*sizes, *strides)):
+        return suggest_memory_format(t)
+    if strides[1] == 0:
+        return torch.contiguous_format
+    smallest = 0
+    for d in (1, 3, 2, 0):
+        if sizes[d] == 0 or strides[d] < smallest or (d == 0 and smallest == strides[1]):
+            return torch.contiguous_format
+        smallest = strides[d] * sizes[d] if sizes[d] > 1 else strides[d]
+    return torch.channels_last
+
+
 def _empty_like_layout(shape, like: Tensor, dtype: torch.dtype) -> Tensor:
-    return torch.empty(shape, dtype=dtype, device=like.device, memory_format=suggest_memory_format(like))
+    return torch.empty(shape, dtype=dtype, device=like.device, memory_format=_suggested_memory_format(like))
 
 
 # --- the plain-PyTorch reference --------------------------------------------------------------------
