@@ -385,9 +385,7 @@ def _plan(model: nn.Module) -> tuple[list[tuple], list[nn.Module], list[Decision
     in_chain: dict[int, str] = {}      # module id -> its decision's detail
     blocked: dict[int, str] = {}       # BatchNorm / ReLU id -> why the chain before it does not take it
     for conv in analysis.modules:
-        if not isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)):
-            continue
-        if _why_conv_unsupported(conv) is None:
+        if isinstance(conv, nn.Conv2d) and _why_conv_unsupported(conv) is None:
             chain = _chain_from(conv, analysis, blocked)
             if chain is not None:
                 chains.append(chain)
