@@ -190,3 +190,27 @@ def build_config_source(version: str, tag: str, torch_version: str, cuda_version
         f"cuda_version = {cuda_version!r}\n"
         f"arch_list = {arch_list!r}\n"
     )
+
+
+def needed_libraries(readelf_dynamic: str) -> list[str]:
+    """The shared libraries a binary names as NEEDED, from the text of `readelf -d BINARY`."""
+    return re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", readelf_dynamic)
+
+
+def static_cxx_runtime_error(needed: list[str], compiler: str) -> str | None:
+    """Why an extension that does not load the shared C++ runtime must not be used, or None when it does.
+
+    An extension that carries its own copy of libstdc++ (linked with -static-libstdc++, as some compiler
+    wrappers do) throws C++ exceptions that torch's copy cannot catch: the first error raised inside it kills
+    the process with SIGSEGV instead of becoming a Python RuntimeError (seen on the lent GPU machines, whose
+    CXX=/opt/gcc/bin/g++ wrapper links this way; /usr/bin/g++ of the same GCC release does not).
+    """
+    if any(name.startswith(("libstdc++.so", "libc++.so")) for name in needed):
+        return None
+    return (
+        f"the built extension does not load the shared C++ runtime (its NEEDED libraries: {', '.join(needed)}): "
+        f"the compiler {compiler!r} links libstdc++ statically, so any error raised inside fastseg._C would "
+        "crash the process instead of raising. Build with a compiler that links it dynamically, e.g. "
+        "CC=/usr/bin/gcc CXX=/usr/bin/g++."
+    )
+

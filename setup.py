@@ -270,6 +270,23 @@ BUILD_CONFIG = fastseg_build.build_config_source(
 )
 
 
+def check_shared_cxx_runtime(library):
+    """Refuse (and delete) a built extension linked against a private copy of libstdc++: see
+    fastseg_build.static_cxx_runtime_error. Skipped where binutils' readelf is missing."""
+    for path in (library, ROOT / PACKAGE / library.name):
+        if not path.is_file():
+            continue
+        try:
+            dynamic = subprocess.run(["readelf", "-d", str(path)], capture_output=True, text=True, check=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            return
+        error = fastseg_build.static_cxx_runtime_error(fastseg_build.needed_libraries(dynamic),
+                                                       os.environ.get("CXX", "c++"))
+        if error:
+            path.unlink()
+            fail(error)
+
+
 class BuildExtension(cpp_extension.BuildExtension.with_options(use_ninja=True)):
     """torch's BuildExtension, also writing fastseg/_build_config.py (what this build is: version with its
     local tag, the torch it was compiled against) next to the extension: into the source tree for in-place
@@ -278,6 +295,8 @@ class BuildExtension(cpp_extension.BuildExtension.with_options(use_ninja=True)):
 
     def run(self):
         super().run()
+        for ext in self.extensions:
+            check_shared_cxx_runtime(Path(self.get_ext_fullpath(ext.name)))
         targets = []
         if self.inplace or getattr(self, "editable_mode", False):
             targets.append(ROOT / PACKAGE)

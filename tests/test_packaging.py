@@ -3,6 +3,8 @@ requirement) and the import-time torch check that a wheel relies on. Fast: nothi
 
 import importlib
 import os
+import shutil
+import subprocess
 import sys
 import types
 
@@ -207,6 +209,53 @@ def test_build_config_source_round_trips():
 # --------------------------------------------------------------------------------------------------------------
 # the installed build: version, and the torch check at import
 # --------------------------------------------------------------------------------------------------------------
+READELF_DYNAMIC = """
+Dynamic section at offset 0x1d2a0 contains 32 entries:
+  Tag        Type                         Name/Value
+ 0x0000000000000001 (NEEDED)             Shared library: [libc10.so]
+ 0x0000000000000001 (NEEDED)             Shared library: [libstdc++.so.6]
+ 0x0000000000000001 (NEEDED)             Shared library: [libgcc_s.so.1]
+ 0x000000000000000e (SONAME)             Library soname: [ignored.so]
+"""
+
+
+def test_needed_libraries_and_the_static_runtime_check():
+    needed = fb.needed_libraries(READELF_DYNAMIC)
+    assert needed == ["libc10.so", "libstdc++.so.6", "libgcc_s.so.1"]
+    assert fb.static_cxx_runtime_error(needed, "g++") is None
+    error = fb.static_cxx_runtime_error(["libc10.so", "libgcc_s.so.1"], "/opt/gcc/bin/g++")
+    assert "/opt/gcc/bin/g++" in error and "statically" in error and "CXX=/usr/bin/g++" in error
+
+
+@pytest.mark.skipif(shutil.which("readelf") is None, reason="binutils' readelf is not installed")
+def test_built_extension_loads_the_shared_cxx_runtime():
+    """An extension with its own libstdc++ turns every TORCH_CHECK failure into a SIGSEGV (the lent GPU
+    machines' compiler wrapper built one); setup.py refuses such a build, and this checks the one in use."""
+    ext = _backend.extension()
+    if ext is None:
+        pytest.skip("fastseg._C is not built")
+    dynamic = subprocess.run(["readelf", "-d", ext.__file__], capture_output=True, text=True, check=True).stdout
+    assert fb.static_cxx_runtime_error(fb.needed_libraries(dynamic), "c++") is None
+
+
+def test_extension_error_raises_instead_of_crashing():
+    """A failing check inside the extension's op is a RuntimeError in a child process, not a crash."""
+    if _backend.extension() is None:
+        pytest.skip("fastseg._C is not built")
+    code = (
+        "import torch, fastseg\n"
+        "try:\n"
+        "    torch.ops.fastseg.ext_max_pool2d_out(torch.randn(1, 1, 4, 4), torch.empty(1, 1, 3, 3),\n"
+        "        torch.empty(1, 1, 3, 3, dtype=torch.int8), [2, 2], [2, 2], [0, 0], [1, 1])\n"
+        "except RuntimeError as error:\n"
+        "    print('raised:', error)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(fastseg.__file__)))
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
+    assert "raised:" in done.stdout and "pools to 2" in done.stdout
+
+
 def test_version_carries_the_build_tag():
     """A built fastseg reports its full version (with +cpu / +cuXY) everywhere; an unbuilt tree the bare one."""
     config = _backend._build_config()
