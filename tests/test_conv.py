@@ -372,6 +372,23 @@ def test_errors():
         fastseg.fused_conv2d(x, w, groups=0)
 
 
+@pytest.mark.parametrize("backend", CONV_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_casts_like_conv2d(backend, dtype):
+    """Under torch.autocast the output has F.conv2d's dtype (the autocast dtype), and its values."""
+    skip_unless_backend(backend)
+    if backend == "triton" and dtype == torch.bfloat16 and _backend.triton_interpreting():
+        pytest.skip("Triton's CPU interpreter has no bfloat16 arithmetic")
+    x, w, b = torch.randn(2, 5, 9, 10), torch.randn(6, 5, 3, 3) / 6, torch.randn(6)
+    residual = torch.randn(2, 6, 9, 10)
+    with torch.autocast("cpu", dtype=dtype), fastseg.backend(backend):
+        expected = F.conv2d(x, w, b, padding=2, dilation=2)
+        got = fastseg.fused_conv2d(x, w, b, padding=2, dilation=2)
+        with_residual = fastseg.fused_conv2d(x, w, b, padding=1, residual=residual, activation="relu")
+    assert got.dtype == expected.dtype == dtype and with_residual.dtype == dtype
+    _assert_close(got, expected.double(), dtype, 45)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # modules
 # --------------------------------------------------------------------------------------------------------------

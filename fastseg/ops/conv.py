@@ -328,11 +328,18 @@ def fused_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1
         residual: a tensor of the output's shape added before the activation, or None.
 
     float32 uses TF32 tensor cores only when torch.backends.cudnn.allow_tf32 is set, as F.conv2d on CUDA.
+    Under torch.autocast x, weight, bias and residual are cast to the autocast dtype, as F.conv2d's inputs are.
     Differentiable in x, weight, bias, scale, shift and residual; the backward uses torch's convolution
     backward for x and weight (no Triton backward kernels yet).
     """
     if not isinstance(x, Tensor) or not isinstance(weight, Tensor):
         raise TypeError("fused_conv2d: x and weight must be tensors")
+    if torch.is_autocast_enabled(x.device.type):
+        # As F.conv2d under autocast: the convolution's inputs in the autocast dtype (scale and shift may stay
+        # float32, as the kernel takes them); the residual too, so the output keeps that dtype.
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight, bias, residual = (t.to(dtype) if t is not None and t.is_floating_point() else t
+                                     for t in (x, weight, bias, residual))
     unbatched = x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)
