@@ -14,6 +14,8 @@ from fastseg.ops.crf import dense_crf  # noqa: E402
 from fastseg.ops.lattice import PermutohedralLattice  # noqa: E402
 from fastseg.ops.max_pool import max_pool2d, max_pool2d_with_indices, max_unpool2d  # noqa: E402
 from fastseg import nn  # noqa: E402
+from fastseg import models  # noqa: E402
+from fastseg.convert import optimize, revert  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -26,5 +28,8 @@ __all__ = [
     "max_pool2d",
     "max_pool2d_with_indices",
     "max_unpool2d",
+    "models",
     "nn",
+    "optimize",
+    "revert",
 ]
