@@ -20,8 +20,10 @@ import torch
 import fastseg
 from fastseg.bench import harness
 
-# In the order they run (a --budget-s cut drops the last ones): the foundation's kernel first.
+# In the order they run (a --budget-s cut drops the last ones): whole networks first (the main job: what
+# fastseg.convert.optimize gives a model), then the kernels one by one, the foundation's first.
 OP_GROUPS = {
+    "models": "fastseg.bench.models",
     "max_pool": "fastseg.bench.max_pool",
     "crf": "fastseg.bench.crf",
     "conv": "fastseg.bench.conv",
@@ -131,9 +133,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 row = harness.skipped_row(case, "run interrupted")
             elif args.budget_s is not None and case_start - start > args.budget_s:
                 row = harness.skipped_row(case, f"time budget of {args.budget_s:.0f} s spent")
+            elif getattr(case, "skip_reason", None):  # a case its module cannot run here (e.g. a missing reference)
+                row = harness.skipped_row(case, case.skip_reason)
             else:
                 try:
                     row = harness.run_case(case, device, context)
+                    if hasattr(case, "finish_row"):  # per-group notes that need the measured times
+                        case.finish_row(row)
                 except KeyboardInterrupt:
                     interrupted = True
                     row = harness.skipped_row(case, "run interrupted")
