@@ -1,4 +1,4 @@
-"""Command line: `python -m fastseg info | bench [options]`."""
+"""Command line: `python -m fastseg info | bench [options] | demo [options]`."""
 
 from __future__ import annotations
 
@@ -59,12 +59,18 @@ def info() -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m fastseg", description=__doc__)
-    parser.add_argument("command", choices=["info", "bench"],
+    parser.add_argument("command", choices=["info", "bench", "demo"],
                         help="info: build, devices and backends; bench: the side-by-side benchmark "
-                             "(`python -m fastseg bench --help` for its options)")
+                             "(`python -m fastseg bench --help` for its options); demo: dense-CRF refinement of "
+                             "a coarse segmentation of a real image, written as a PNG (`python -m fastseg demo "
+                             "--help`)")
     args, rest = parser.parse_known_args(argv[:1])
     if args.command == "info":
         return info()
+    if args.command == "demo":
+        from fastseg.demo import main as demo_main
+
+        return demo_main(argv[1:])
     from fastseg.bench import main as bench_main
 
     return bench_main(argv[1:])
