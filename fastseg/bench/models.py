@@ -15,8 +15,9 @@ LargeFOV. For each:
   compute the same function (and torch.compile's, which draws other random numbers).
 
 References: eager PyTorch (cudnn.benchmark on CUDA), and on CUDA torch.compile (default mode) of the same
-reference model as a second row per case (inference for every network, the training step for DeepLab v3).
-The fastseg side is always the eager optimized twin.
+reference model as a second row per case (inference for every network, the training step for DeepLab v3;
+with --quick, DeepLab v3 inference only). The fastseg side is always the eager optimized twin. --quick on CUDA:
+DeepLab v3 (inference and training step) and U-Net (inference).
 
 Each row's notes: the agreement with the reference (max |diff|, relative RMS difference, argmax agreement; a
 MISMATCH when the relative RMS difference exceeds TOLERANCE for the dtype), images/s of both sides, peak memory
@@ -106,6 +107,7 @@ GPU_QUICK = ("deeplabv3_resnet50", "unet")
 GPU_TRAIN = ("deeplabv3_resnet50", "unet", "fcn8s", "segnet", "deeplab_v1_largefov")
 GPU_COMPILED_TRAIN = ("deeplabv3_resnet50",)
 GPU_QUICK_TRAIN = ("deeplabv3_resnet50",)
+GPU_QUICK_COMPILED = ("deeplabv3_resnet50",)  # quick: torch.compile (minutes to compile) for its inference only
 # CPU: the same networks, narrowed (base width / 8; FCN-8s and DeepLab v1's fully connected layers too).
 CPU_NETWORKS = (
     Network("deeplabv3_resnet50", (("base_width", 8),), 2, 128, 128, note="widths / 8"),
@@ -164,7 +166,7 @@ def cases(device: torch.device, dtypes: Sequence[torch.dtype], quick: bool) -> l
     if cuda:
         networks = [n for n in GPU_NETWORKS if not quick or n.name in GPU_QUICK]
         train = GPU_QUICK_TRAIN if quick else GPU_TRAIN
-        compiled_train = GPU_COMPILED_TRAIN
+        compiled_train = () if quick else GPU_COMPILED_TRAIN
         references = (EAGER, COMPILED)
     else:
         networks = [n for n in CPU_NETWORKS if not quick or n.name in CPU_QUICK]
@@ -176,6 +178,8 @@ def cases(device: torch.device, dtypes: Sequence[torch.dtype], quick: bool) -> l
         layout = "channels_last" if dtype in (torch.float16, torch.bfloat16) else "nchw"
         for reference in references:
             for network in networks:
+                if reference == COMPILED and quick and network.name not in GPU_QUICK_COMPILED:
+                    continue
                 passes = [INFERENCE]
                 if network.name in (compiled_train if reference == COMPILED else train):
                     passes.append(TRAIN_STEP)
