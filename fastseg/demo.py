@@ -227,7 +227,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default="fastseg-demo.png", help="PNG to write (default: fastseg-demo.png)")
     parser.add_argument("--device", help="torch device for the CRF (default: cuda if available, else cpu)")
     parser.add_argument("--size", type=int, default=NATIVE_SIZE,
-                        help=f"resize the {NATIVE_SIZE}x{NATIVE_SIZE} image to this size first (default: {NATIVE_SIZE})")
+                        help=f"resize the {NATIVE_SIZE}x{NATIVE_SIZE} image to this size first "
+                             f"(default: {NATIVE_SIZE})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the coarse segmentation's noise")
     return parser.parse_args(argv)
 

@@ -34,7 +34,8 @@ row is kept as 'skipped' with the reason.
 On a CPU only small, narrowed copies of the networks run (base widths divided by 8, about 128x128, batch 1 or 2,
 float32, eager reference only), so that `python -m fastseg bench --ops models` takes about a minute on two
 cores (fastseg's convolution on the CPU is torch's, behind the custom op: the CPU rows check correctness and
-the converter, they are no speed claim); the GPU sizes are the networks' own at training / evaluation crop sizes, batch 8.
+the converter, they are no speed claim); the GPU sizes are the networks' own at training / evaluation crop
+sizes, batch 8.
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ class Network:
 
     def label(self) -> str:
         extra = f" ({self.note})" if self.note else ""
-        return f"{self.name}{extra} {self.batch}x{self.in_channels}x{self.height}x{self.width}, {self.num_classes} classes"
+        shape = f"{self.batch}x{self.in_channels}x{self.height}x{self.width}"
+        return f"{self.name}{extra} {shape}, {self.num_classes} classes"
 
 
 # GPU: the networks' own widths at their training / evaluation crop sizes.
