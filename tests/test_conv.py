@@ -6,12 +6,17 @@ Layers tested:
   "same" (also the asymmetric "same" of even kernels), 1x1/3x3/5x5/7x7 and non-square kernels, depthwise,
   each epilogue part on and off, NCHW and channels_last, float32 and float16; errors;
 - the kernels directly, into NaN-poisoned outputs (also strided ones), with every autotune configuration;
-- autograd: gradcheck of the reference path in float64 (through the registered op's backward), and the
-  triton path's gradients against torch's;
-- the registered op (torch.library.opcheck, torch.compile fullgraph with aot_eager);
+- autograd: gradcheck of the reference path in float64 (through the registered op's backward); every input's
+  gradient on "reference" and "triton" (the Triton backward kernels) against float64 autograd over a matrix of
+  odd sizes, channel counts beyond one block, dilation 1/2/3, stride 1/2/3 (phases no tap reaches), padding 0 /
+  int / "same", 1x1/3x3/5x5 and non-square kernels, each epilogue part, NCHW and channels_last, float32 and
+  float16; that the backward runs on the forward's backend; the backward kernels directly, into NaN-poisoned
+  (also strided) gradients, split-K (deterministic), every autotune configuration;
+- the registered ops, the backward kernels' too (torch.library.opcheck, torch.compile fullgraph with aot_eager);
 - the modules: state_dict compatibility, eval-mode BatchNorm folding, training-mode batch and running
   statistics identical to nn.BatchNorm2d's;
-- on CUDA (marker gpu): bfloat16, float16 channels_last at network sizes, every autotune configuration, TF32.
+- on CUDA (marker gpu): bfloat16, float16 channels_last at network sizes, every autotune configuration, TF32;
+  the Triton backward against torch's (cuDNN) backward at network sizes, every backward configuration.
 
 Inputs are random and fresh each run; a failing test prints its seed (see conftest.py).
 """
@@ -24,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastseg
-from conftest import poison_, skip_unless_backend
+from conftest import poison_, poisoned, skip_unless_backend
 from fastseg import _backend
 from fastseg.ops.conv import reference_fused_conv2d
 
@@ -184,6 +189,13 @@ def test_unbatched_mixed_layouts_and_float32_affine(backend):
     _assert_close(got, _expected(x4, w4, None, None, None, residual, 1, 0, 1, 1, None), torch.float32, 4)
 
 
+def test_meta_tensors():
+    """Shapes only (a model built on the meta device): the fake implementation, no autocast query."""
+    x, w = torch.empty(2, 3, 9, 7, device="meta"), torch.empty(5, 3, 3, 3, device="meta")
+    out = fastseg.fused_conv2d(x, w, padding=1, stride=2, activation="relu")
+    assert out.device.type == "meta" and out.shape == F.conv2d(x, w, padding=1, stride=2).shape
+
+
 def test_auto_dispatch():
     assert _backend.registered_ops()["fused_conv2d"] == frozenset({"triton", "reference"})
     assert _backend.select("fused_conv2d", torch.device("cpu")) == "reference"
@@ -239,15 +251,64 @@ def test_every_autotune_config_interpreted():
 # --------------------------------------------------------------------------------------------------------------
 # gradients
 # --------------------------------------------------------------------------------------------------------------
+# (N, C, H, W), K, kernel, stride, padding, dilation, groups
 GRAD_CASES = [
     ((1, 3, 6, 5), 4, 3, 1, "same", 2, 1),
     ((2, 2, 5, 4), 3, (4, 2), 1, "same", (1, 2), 1),     # asymmetric "same"
-    ((1, 4, 5, 5), 4, 3, 2, 1, 1, 4),                     # depthwise, stride 2
-    ((1, 2, 9, 8), 3, 5, 2, 4, 2, 1),
+    ((1, 4, 5, 5), 4, 3, 2, 1, 1, 4),                     # depthwise, stride 2 (torch's backward on every backend)
+    ((1, 2, 9, 8), 3, 5, 2, 4, 2, 1),                     # 5x5, stride 2, dilation 2
+    ((1, 17, 5, 7), 18, 1, 1, 0, 1, 1),                   # 1x1; C and K beyond one 16-wide block
+    ((1, 5, 9, 11), 20, 3, 2, 1, 2, 1),                   # stride 2, dilation 2: even rows / columns get no taps
+    ((1, 3, 11, 10), 5, 3, 2, 2, 3, 1),                   # stride 2, dilation 3: each phase its own taps
+    ((1, 3, 12, 12), 4, 5, 2, 0, 1, 1),                   # 5x5 / 2, padding 0: the last row / column unread
+    ((2, 3, 7, 9), 6, 3, 1, 0, 1, 1),                     # 3x3, padding 0
+    ((1, 3, 9, 8), 4, 3, 1, "same", 3, 1),                # dilation 3
+    ((1, 3, 13, 12), 4, 3, 3, 1, 2, 1),                   # stride 3, dilation 2
+    ((1, 4, 10, 9), 5, (3, 1), (2, 1), (1, 0), 1, 1),     # non-square kernel and stride
+    ((1, 2, 7, 7), 3, 1, 2, 0, 1, 1),                     # 1x1 stride 2: three quarters of x unread
 ]
+GRAD_NAMES = ("x", "weight", "bias", "scale", "shift", "residual")
 
 
-@pytest.mark.parametrize("index", range(len(GRAD_CASES)))
+def _grad_reductions(x, w, out_shape):
+    """How many products each gradient element sums (its tolerance grows with that)."""
+    pixels = out_shape[0] * out_shape[2] * out_shape[3]
+    return dict(x=w.shape[0] * w.shape[2] * w.shape[3], weight=pixels, bias=pixels, scale=pixels, shift=pixels,
+                residual=1)
+
+
+def _check_gradients(backend, case, dtype, layout, epilogue):
+    """The op's gradients of every input against float64 autograd of the specification."""
+    x, w, bias, kw, (s, p, d, g), _ = _make(case, dtype, layout, epilogue)
+    inputs = dict(zip(GRAD_NAMES, (x, w, bias, kw["scale"], kw["shift"], kw["residual"])))
+    inputs = {name: t.requires_grad_() for name, t in inputs.items() if t is not None}
+    leaves = list(inputs.values())
+
+    def parts(values):
+        return [values.get(name) for name in GRAD_NAMES]
+
+    with fastseg.backend(backend):
+        got = fastseg.fused_conv2d(*parts(inputs)[:3], s, p, d, g, scale=inputs.get("scale"),
+                                   shift=inputs.get("shift"), residual=inputs.get("residual"),
+                                   activation=kw["activation"])
+    grad_out = torch.randn(got.shape, dtype=dtype)
+    got_grads = dict(zip(inputs, torch.autograd.grad(got, leaves, grad_out)))
+    # float64 gradients through the same ReLU mask (the op's output decides which side of 0)
+    z = _expected(*parts(inputs), s, p, d, g, None)
+    mask = got.detach() > 0 if kw["activation"] == "relu" else torch.ones((), dtype=torch.bool)
+    expected = dict(zip(inputs, torch.autograd.grad(z, leaves, grad_out.double() * mask)))
+    reductions = _grad_reductions(x, w, got.shape)
+    for name, leaf in inputs.items():
+        a, e = got_grads[name], expected[name]
+        assert a.dtype == leaf.dtype and a.shape == leaf.shape, name
+        assert not a.isnan().any(), f"grad {name}: NaN"
+        torch.testing.assert_close(a.double(), e.double(), **_tolerance(dtype, reductions[name] * 4),
+                                   msg=lambda m, name=name: f"grad {name}: {m}")
+    if layout == "channels_last" and g == 1 and backend == "triton":
+        assert got_grads["x"].is_contiguous(memory_format=torch.channels_last), "grad x: x's memory format"
+
+
+@pytest.mark.parametrize("index", range(4))
 def test_gradcheck_reference_float64(index):
     """The op's backward (epilogue chain rule + torch's conv backward) against finite differences."""
     x, w, bias, kw, (s, p, d, g), _ = _make(GRAD_CASES[index], torch.float64, "nchw", "all")
@@ -262,29 +323,136 @@ def test_gradcheck_reference_float64(index):
 
 
 @pytest.mark.parametrize("backend", CONV_BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("index", range(len(GRAD_CASES)))
-def test_gradients_against_torch(backend, dtype, index):
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("index", range(len(GRAD_CASES)), ids=[_case_ids(c) for c in GRAD_CASES])
+def test_gradients_float32(backend, layout, index):
+    # Each geometry gets a different epilogue per layout, so every epilogue meets several geometries.
+    skip_unless_backend(backend)
+    epilogue = EPILOGUE_NAMES[(2 * index + LAYOUTS.index(layout)) % len(EPILOGUE_NAMES)]
+    _check_gradients(backend, GRAD_CASES[index], torch.float32, layout, epilogue)
+
+
+@pytest.mark.parametrize("backend", CONV_BACKENDS)
+@pytest.mark.parametrize("index", range(len(GRAD_CASES)), ids=[_case_ids(c) for c in GRAD_CASES])
+def test_gradients_float16(backend, index):
     skip_unless_backend(backend)
     layout = LAYOUTS[index % 2]
-    x, w, bias, kw, (s, p, d, g), reduction = _make(GRAD_CASES[index], dtype, layout, "all")
-    leaves = [t.requires_grad_() for t in (x, w, bias, kw["scale"], kw["shift"], kw["residual"])]
-    with fastseg.backend(backend):
-        got = fastseg.fused_conv2d(x, w, bias, s, p, d, g, scale=kw["scale"], shift=kw["shift"],
-                                   residual=kw["residual"], activation="relu")
-    expected = _expected(*leaves, s, p, d, g, "relu")
-    grad = torch.randn(got.shape, dtype=dtype)
-    got_grads = torch.autograd.grad(got, leaves, grad)
-    # torch's gradients in float64 through the same ReLU mask (the kernel's output decides which side of 0)
-    mask = got.detach() > 0
-    z = _expected(*leaves, s, p, d, g, None)
-    exp_grads = torch.autograd.grad(z, leaves, (grad.double() * mask))
-    names = ("x", "weight", "bias", "scale", "shift", "residual")
-    for name, a, e, leaf in zip(names, got_grads, exp_grads, leaves):
-        assert a.dtype == leaf.dtype and a.shape == leaf.shape, name
-        n = max(e.numel() // max(e.shape[0], 1), reduction) if name in ("bias", "scale", "shift", "weight") else reduction
-        torch.testing.assert_close(a.double(), e.double(), **_tolerance(dtype, n * 4), msg=lambda m, name=name: f"grad {name}: {m}")
-    assert got.shape == expected.shape
+    epilogue = "all" if index % 2 else EPILOGUE_NAMES[(index + 3) % len(EPILOGUE_NAMES)]
+    _check_gradients(backend, GRAD_CASES[index], torch.float16, layout, epilogue)
+
+
+@pytest.mark.parametrize("backend", CONV_BACKENDS)
+@pytest.mark.parametrize("epilogue", EPILOGUE_NAMES)
+def test_gradients_each_epilogue_part(backend, epilogue):
+    skip_unless_backend(backend)
+    _check_gradients(backend, ((2, 5, 7, 9), 6, 3, 2, 1, 2, 1), torch.float32, "nchw", epilogue)
+
+
+def test_backward_runs_on_the_forwards_backend(monkeypatch):
+    """Triton's backward kernels run when the forward ran under backend("triton") (even if backward() is called
+    outside the block), not under "reference" or "auto", nor for depthwise convolutions."""
+    skip_unless_backend("triton")
+    from fastseg.ops import conv_backward_kernels
+
+    calls = []
+    for name in ("input_grad", "weight_grad"):
+        kernel = getattr(conv_backward_kernels, name)
+        monkeypatch.setattr(conv_backward_kernels, name,
+                            lambda *args, name=name, kernel=kernel, **kw: calls.append(name) or kernel(*args, **kw))
+
+    def backward_calls(backend, groups):
+        calls.clear()
+        x = torch.randn(1, 4, 5, 5, requires_grad=True)
+        w = torch.randn(4, 4 // groups, 3, 3, requires_grad=True)
+        with fastseg.backend(backend):
+            out = fastseg.fused_conv2d(x, w, padding=1, groups=groups, activation="relu")
+        out.sum().backward()
+        return sorted(calls)
+
+    assert backward_calls("triton", 1) == ["input_grad", "weight_grad"]
+    assert backward_calls("triton", 4) == []
+    assert backward_calls("reference", 1) == []
+    assert backward_calls("auto", 1) == []
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the backward kernels directly: poisoned gradients, split-K, every configuration
+# --------------------------------------------------------------------------------------------------------------
+def _backward_problem(shape, K, ks, stride, padding, dilation, layout="nchw", dtype=torch.float32):
+    """x, weight, grad_out, out (ReLU), scale, and the float64 gradients of x and weight."""
+    x = _layout(torch.randn(shape, dtype=dtype), layout)
+    w = torch.randn((K, shape[1], ks, ks), dtype=dtype) / (shape[1] * ks * ks) ** 0.5
+    scale = torch.rand(K) + 0.5
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    z = F.conv2d(x64, w64, None, stride, padding, dilation) * scale.double().view(1, -1, 1, 1)
+    out = _layout(torch.relu(z).detach().to(dtype), layout)
+    grad_out = _layout(torch.randn(z.shape, dtype=dtype), layout)
+    grad_x, grad_w = torch.autograd.grad(z, (x64, w64), grad_out.double() * (out > 0))
+    return x, w, grad_out, out, scale, grad_x, grad_w
+
+
+@pytest.mark.parametrize("grad_layout", ["nchw", "channels_last", "strided"])
+def test_backward_kernels_write_every_element(grad_layout):
+    """Into NaN-poisoned gradients: zeros too where no tap reaches (stride 2 with dilation 2 leaves every other
+    input row and column out), nothing outside a strided view."""
+    skip_unless_backend("triton")
+    from fastseg.ops import conv_backward_kernels
+
+    layout = "channels_last" if grad_layout == "channels_last" else "nchw"
+    x, w, grad_out, out, scale, exp_x, exp_w = _backward_problem((2, 5, 9, 8), 6, 3, 2, 1, 2, layout)
+    geometry = ((2, 2), (1, 1), (2, 2), False)
+    grad_x, base_x = _poisoned_view(x.shape, grad_layout)
+    conv_backward_kernels.input_grad(grad_out, out, scale, w, grad_x, *geometry)
+    _assert_close(grad_x, exp_x, torch.float32, 54, what="grad x")
+    assert (grad_x[:, :, 0::2] == 0).all() and (grad_x[:, :, :, 0::2] == 0).all()
+    grad_w, base_w = _poisoned_view(w.shape, grad_layout)
+    conv_backward_kernels.weight_grad(grad_out, out, scale, x, grad_w, *geometry)
+    _assert_close(grad_w, exp_w, torch.float32, 40, what="grad weight")
+    if grad_layout == "strided":
+        for base in (base_x, base_w):
+            assert base[..., 0::2].isnan().all(), "a kernel wrote outside its output view"
+
+
+def _poisoned_view(shape, layout):
+    """A NaN-filled float32 tensor in the layout, and for "strided" the buffer it is every other element of."""
+    if layout == "strided":
+        base = poison_(torch.empty(*shape[:3], 2 * shape[3] + 1))
+        return base[..., 1::2], base
+    return poison_(_layout(torch.empty(shape), layout)), None
+
+
+def test_weight_grad_split_is_deterministic():
+    """Split-K over the pixels: every split count gives the same gradient, the same bits on every run."""
+    skip_unless_backend("triton")
+    from fastseg.ops import conv_backward_kernels
+
+    x, w, grad_out, out, scale, _, exp_w = _backward_problem((2, 3, 9, 7), 5, 3, 1, 1, 1, "channels_last")
+    results = []
+    for split in (1, 2, 3, 3):
+        grad_w = poisoned(w.shape, w.dtype)
+        conv_backward_kernels.weight_grad(grad_out, out, scale, x, grad_w, (1, 1), (1, 1), (1, 1), False,
+                                          split=split)
+        _assert_close(grad_w, exp_w, torch.float32, 126, what=f"split {split}")
+        results.append(grad_w)
+    assert torch.equal(results[2], results[3]), "split-K is not deterministic"
+
+
+def test_every_backward_config_interpreted():
+    skip_unless_backend("triton")
+    from fastseg.ops import conv_backward_kernels, conv_kernels
+
+    x, w, grad_out, out, scale, exp_x, exp_w = _backward_problem((1, 19, 5, 7), 21, 3, 1, 2, 2, "channels_last")
+    geometry = ((1, 1), (2, 2), (2, 2), False)
+    for config in conv_backward_kernels.DGRAD_CONFIGS:
+        grad_x = poisoned(x.shape, x.dtype)
+        conv_backward_kernels.input_grad(grad_out, out, scale, w, grad_x, *geometry,
+                                         config=conv_kernels.config_kwargs(config))
+        _assert_close(grad_x, exp_x, torch.float32, 189, what=f"grad x, config {config}")
+    for config in conv_backward_kernels.WGRAD_CONFIGS:
+        grad_w = poisoned(w.shape, w.dtype)
+        conv_backward_kernels.weight_grad(grad_out, out, scale, x, grad_w, *geometry,
+                                          config=conv_kernels.config_kwargs(config))
+        _assert_close(grad_w, exp_w, torch.float32, 35, what=f"grad weight, config {config}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -310,6 +478,18 @@ def test_opcheck(backend):
     with fastseg.backend(backend):
         for args in _op_args():
             torch.library.opcheck(torch.ops.fastseg.fused_conv2d.default, args)
+
+
+def test_opcheck_backward_ops():
+    skip_unless_backend("triton")
+    x = torch.randn(1, 3, 7, 6).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(4, 3, 3, 3)
+    grad_out = torch.randn(1, 4, 4, 1)  # stride 2, padding (1, 0), dilation (1, 2)
+    out = torch.relu(torch.randn(1, 4, 4, 1))
+    for args in ((grad_out, out, torch.rand(4), x, w, [2, 2], [1, 0, 1, 1], [1, 2]),
+                 (grad_out, None, None, x, w, [2, 2], [1, 0, 1, 1], [1, 2])):
+        for op in (torch.ops.fastseg.fused_conv2d_input_grad, torch.ops.fastseg.fused_conv2d_weight_grad):
+            torch.library.opcheck(op.default, args)
 
 
 @pytest.mark.parametrize("backend", CONV_BACKENDS)
@@ -586,3 +766,78 @@ def test_gpu_gradients_and_modules(dtype):
     torch_block = nn.Sequential(copy.deepcopy(conv), copy.deepcopy(bn), nn.ReLU()).cuda().eval()
     xs = torch.randn(2, 3, 65, 65, device="cuda")
     torch.testing.assert_close(block(xs), torch_block(xs), rtol=1e-2, atol=1e-2)
+
+
+BACKWARD_GPU_CASES = [
+    ((2, 256, 33, 33), 256, 3, 1, 12, 12, 1),     # ASPP branch (reduced channels)
+    ((2, 128, 57, 57), 256, 3, 2, 1, 1, 1),       # ResNet downsampling 3x3 / 2, odd size
+    ((2, 256, 56, 56), 512, 1, 2, 0, 1, 1),       # ResNet projection shortcut 1x1 / 2
+    ((2, 64, 130, 130), 64, 3, 1, 0, 1, 1),       # U-Net valid conv: few weight tiles, split-K
+]
+
+
+@pytest.fixture
+def one_backward_config(monkeypatch):
+    """The backward kernels with autotuning cut to one configuration (each has its own test)."""
+    from fastseg.ops import conv_backward_kernels
+
+    monkeypatch.setattr(conv_backward_kernels._conv2d_dgrad_tuned, "configs", conv_backward_kernels.DGRAD_CONFIGS[:1])
+    monkeypatch.setattr(conv_backward_kernels._conv2d_wgrad_tuned, "configs", conv_backward_kernels.WGRAD_CONFIGS[:1])
+
+
+def _relative_error(got, expected):
+    return float((got.double() - expected.double()).abs().max() / expected.double().abs().max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("index", range(len(BACKWARD_GPU_CASES)))
+def test_gpu_triton_backward_matches_torch(one_autotune_config, one_backward_config, dtype, index):
+    """backend("triton")'s backward kernels against torch's backward (cuDNN, what "auto" runs) and float64."""
+    x, w, _, kw, (s, p, d, g), _ = _make(BACKWARD_GPU_CASES[index], dtype, "channels_last", "bn_relu",
+                                         device="cuda")
+    x.requires_grad_()
+    w.requires_grad_()
+    grad_out = None
+    grads = {}
+    for backend in ("triton", "auto"):  # the same Triton forward both times: the same ReLU mask
+        with fastseg.backend(backend):
+            out = fastseg.fused_conv2d(x, w, None, s, p, d, g, **kw)
+        grad_out = torch.randn_like(out) if grad_out is None else grad_out
+        grads[backend] = torch.autograd.grad(out, (x, w), grad_out)
+    z = _expected(x, w, None, kw["scale"], None, None, s, p, d, g, None)
+    expected = torch.autograd.grad(z, (x, w), grad_out.double() * (out.detach() > 0))
+    tolerance = 3e-2 if dtype == torch.bfloat16 else 1e-2
+    for name, ours, torchs, e in zip(("x", "weight"), grads["triton"], grads["auto"], expected):
+        assert ours.dtype == dtype and not ours.isnan().any(), name
+        error, torch_error = _relative_error(ours, e), _relative_error(torchs, e)
+        assert error <= tolerance and error <= 3 * torch_error + tolerance / 10, (
+            f"grad {name}: max |diff| / max |float64| {error:.2e}, torch's {torch_error:.2e}")
+    assert grads["triton"][0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.gpu
+def test_gpu_every_backward_config():
+    from fastseg.ops import conv_backward_kernels, conv_kernels
+
+    dtype = torch.bfloat16
+    x = torch.randn(2, 160, 29, 31, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(200, 160, 3, 3, device="cuda", dtype=dtype) / 38
+    scale = torch.rand(200, device="cuda") + 0.5
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    z = F.conv2d(x64, w64, None, 2, 2, 2) * scale.double().view(1, -1, 1, 1)
+    out = torch.relu(z).detach().to(dtype).contiguous(memory_format=torch.channels_last)
+    grad_out = torch.randn_like(out)
+    exp_x, exp_w = torch.autograd.grad(z, (x64, w64), grad_out.double() * (out > 0))
+    geometry = ((2, 2), (2, 2), (2, 2), False)
+    for config in conv_backward_kernels.DGRAD_CONFIGS:
+        grad_x = poisoned(x.shape, dtype, device="cuda", layout="channels_last")
+        conv_backward_kernels.input_grad(grad_out, out, scale, w, grad_x, *geometry,
+                                         config=conv_kernels.config_kwargs(config))
+        assert _relative_error(grad_x, exp_x) < 3e-2, f"grad x, config {config}"
+    for config in conv_backward_kernels.WGRAD_CONFIGS:
+        for split in (1, 5):
+            grad_w = poisoned(w.shape, dtype, device="cuda")
+            conv_backward_kernels.weight_grad(grad_out, out, scale, x, grad_w, *geometry,
+                                              config=conv_kernels.config_kwargs(config), split=split)
+            assert _relative_error(grad_w, exp_w) < 3e-2, f"grad weight, config {config}, split {split}"

@@ -10,7 +10,9 @@ Passes:
   CUDA torch.compile(mode="max-autotune") of the same block, each its own reference row, against
   fastseg.nn.ConvBNAct in eval mode (the BatchNorm folded into the kernel: one launch).
 - train_step (forward + backward, training-mode BatchNorm) on a few shapes: the same blocks in training mode
-  against ConvBNAct in training mode (fused conv without epilogue, torch's BatchNorm; torch's conv backward).
+  against ConvBNAct in training mode (fused conv without epilogue, torch's BatchNorm). The backward of the
+  convolution follows the backend: torch's (cuDNN) under auto, the Triton backward kernels under triton, so
+  ``python -m fastseg bench --ops conv --backends auto triton`` times both against the same eager rows.
 
 The first fastseg call of each forward case on CUDA (Triton compilation and autotuning, cached per shape
 afterwards) is timed apart and reported in the notes. TFLOP/s counts the convolution's 2*N*K*OH*OW*C*kh*kw

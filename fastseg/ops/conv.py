@@ -8,13 +8,23 @@ padding (int, pair, "valid" or "same") and dilation; groups 1 or depthwise (grou
 Layers: ``fused_conv2d`` validates and resolves the arguments; the registered custom op
 ``torch.ops.fastseg.fused_conv2d`` carries the fake implementation (torch.compile) and autograd; the forward
 runs on one backend: the Triton implicit-GEMM kernel (``conv_kernels.py``) or the plain-PyTorch reference
-below.
+below. The Triton backward kernels are registered ops too (``fused_conv2d_input_grad``,
+``fused_conv2d_weight_grad``), so torch.compile traces the backward.
 
-Backward: the gradients of x and weight come from torch's own convolution backward
-(``aten.convolution_backward``: cuDNN on CUDA) applied to the gradient at the convolution's output, which is
-computed in plain PyTorch from the epilogue's chain rule (ReLU mask from the saved output, times scale); the
-bias, scale, shift and residual gradients are reductions in plain PyTorch. Hand-written Triton backward
-kernels are not written yet.
+Backward: it runs on the backend the forward ran under (saved in the autograd context), and picks the
+gradients of x and weight by that backend:
+
+- ``fastseg.backend("triton")`` (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), groups == 1: the
+  Triton kernels of ``conv_backward_kernels.py``, an implicit GEMM for the input gradient and one for the weight
+  gradient, each applying the epilogue's chain rule (ReLU mask from the saved output, times scale) as it loads
+  grad_out, so the gradient at the convolution's output never materialises.
+- ``"auto"`` (on CUDA too, although its forward is the Triton kernel), ``"reference"``, depthwise and float64:
+  torch's own convolution backward (``aten.convolution_backward``: cuDNN on CUDA) applied to the gradient at
+  the convolution's output, computed in plain PyTorch from the same chain rule. "auto" keeps cuDNN until GPU
+  measurements (``python -m fastseg bench --ops conv --backends auto triton``, the train_step rows) show the Triton
+  backward faster.
+
+Either way the bias, scale, shift and residual gradients are reductions in plain PyTorch.
 """
 
 from __future__ import annotations
@@ -203,6 +213,12 @@ def _triton_kernels():
     return conv_kernels
 
 
+def _triton_backward_kernels():
+    from fastseg.ops import conv_backward_kernels
+
+    return conv_backward_kernels
+
+
 def _allow_tf32() -> bool:
     return bool(torch.backends.cudnn.allow_tf32)
 
@@ -267,17 +283,64 @@ def _conv_backward(grad_conv: Tensor, x: Tensor, weight: Tensor, stride, padding
     return grad_x, grad_w
 
 
+# The Triton backward kernels as ops of their own, so that torch.compile traces the backward through their fake
+# implementations. Each applies the epilogue's chain rule to grad_out itself: ``out`` is the op's saved output
+# when it ends in a ReLU, else None; padding is [top, left, bottom, right]; groups == 1.
+
+
+@torch.library.custom_op("fastseg::fused_conv2d_input_grad", mutates_args=())
+def _input_grad_op(grad_out: Tensor, out: Optional[Tensor], scale: Optional[Tensor], x: Tensor, weight: Tensor,
+                   stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
+    """The fused op's gradient with respect to x, in x's dtype and memory format (Triton kernel)."""
+    grad_x = torch.empty_like(x)
+    _triton_backward_kernels().input_grad(grad_out, out, scale, weight, grad_x, tuple(stride), tuple(padding[:2]),
+                                          tuple(dilation), _allow_tf32())
+    return grad_x
+
+
+@_input_grad_op.register_fake
+def _(grad_out, out, scale, x, weight, stride, padding, dilation):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("fastseg::fused_conv2d_weight_grad", mutates_args=())
+def _weight_grad_op(grad_out: Tensor, out: Optional[Tensor], scale: Optional[Tensor], x: Tensor, weight: Tensor,
+                    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
+    """The fused op's gradient with respect to the weight, in the weight's dtype and memory format (Triton
+    kernel; deterministic)."""
+    grad_w = torch.empty_like(weight)
+    _triton_backward_kernels().weight_grad(grad_out, out, scale, x, grad_w, tuple(stride), tuple(padding[:2]),
+                                           tuple(dilation), _allow_tf32())
+    return grad_w
+
+
+@_weight_grad_op.register_fake
+def _(grad_out, out, scale, x, weight, stride, padding, dilation):
+    return torch.empty_like(weight)
+
+
 def _fused_conv2d_grad(ctx, grad_out):
-    """Chain rule of the epilogue in plain PyTorch, then torch's convolution backward (see the module doc)."""
+    """The epilogue's chain rule and the convolution's backward, on the forward's backend (see the module doc)."""
     x, weight, bias, scale, out = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.params
     has_bias, has_scale, has_shift, has_residual = ctx.has
     needs = ctx.needs_input_grad
+    grad_scale = grad_shift = grad_residual = grad_bias = grad_x = grad_w = None
+    need_conv = needs[0] or needs[1]
+    triton_conv = need_conv and ctx.backend == "triton" and groups == 1 and x.dtype != torch.float64
+    if triton_conv:
+        conv_args = (grad_out, out, scale, x, weight, stride, padding, dilation)
+        grad_x = torch.ops.fastseg.fused_conv2d_input_grad(*conv_args) if needs[0] else None
+        grad_w = torch.ops.fastseg.fused_conv2d_weight_grad(*conv_args) if needs[1] else None
+    torch_conv = need_conv and not triton_conv
+    need_epilogue = ((has_bias and needs[2]) or (has_scale and needs[3]) or (has_shift and needs[4])
+                     or (has_residual and needs[5]))
+    if not (torch_conv or need_epilogue):  # nothing left for the chain rule in PyTorch
+        return (grad_x, grad_w, None, None, None, None, None, None, None, None, None)
     compute = torch.float32 if grad_out.dtype in (torch.float16, torch.bfloat16) else grad_out.dtype
     g = grad_out.to(compute)
     if ctx.activation == "relu":
         g = torch.where(out > 0, g, torch.zeros((), dtype=compute, device=g.device))
-    grad_scale = grad_shift = grad_residual = grad_bias = grad_x = grad_w = None
     if has_residual and needs[5]:
         grad_residual = g.to(grad_out.dtype)
     if has_shift and needs[4]:
@@ -292,7 +355,7 @@ def _fused_conv2d_grad(ctx, grad_out):
         g = g * scale.to(compute).view(1, -1, 1, 1)
     if has_bias and needs[2]:
         grad_bias = g.sum((0, 2, 3)).to(bias.dtype)
-    if needs[0] or needs[1]:
+    if torch_conv:
         if x.device.type == "cpu" and compute != x.dtype:
             # CPU half-precision convolutions may accumulate in half: run them in float32 and round once.
             grad_x, grad_w = _conv_backward(g, x.to(compute), weight.to(compute), stride, padding, dilation,
@@ -329,12 +392,15 @@ def fused_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1
 
     float32 uses TF32 tensor cores only when torch.backends.cudnn.allow_tf32 is set, as F.conv2d on CUDA.
     Under torch.autocast x, weight, bias and residual are cast to the autocast dtype, as F.conv2d's inputs are.
-    Differentiable in x, weight, bias, scale, shift and residual; the backward uses torch's convolution
-    backward for x and weight (no Triton backward kernels yet).
+    Differentiable in x, weight, bias, scale, shift and residual. The backward runs on the forward's backend:
+    under ``fastseg.backend("triton")`` (groups 1) the gradients of x and weight come from Triton kernels that
+    apply the ReLU mask and scale as they read the output gradient; under "auto" (CUDA included) and
+    "reference", and for depthwise or float64, from torch's convolution backward (cuDNN on CUDA), which "auto"
+    keeps until GPU measurements show the Triton backward faster. The other gradients are PyTorch reductions.
     """
     if not isinstance(x, Tensor) or not isinstance(weight, Tensor):
         raise TypeError("fused_conv2d: x and weight must be tensors")
-    if torch.is_autocast_enabled(x.device.type):
+    if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):  # meta: no autocast (it raises)
         # As F.conv2d under autocast: the convolution's inputs in the autocast dtype (scale and shift may stay
         # float32, as the kernel takes them); the residual too, so the output keeps that dtype.
         dtype = torch.get_autocast_dtype(x.device.type)
