@@ -133,13 +133,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 row = harness.skipped_row(case, "run interrupted")
             elif args.budget_s is not None and case_start - start > args.budget_s:
                 row = harness.skipped_row(case, f"time budget of {args.budget_s:.0f} s spent")
-            elif getattr(case, "skip_reason", None):  # a case its module cannot run here (e.g. a missing reference)
+            elif case.skip_reason:
                 row = harness.skipped_row(case, case.skip_reason)
             else:
                 try:
                     row = harness.run_case(case, device, context)
-                    if hasattr(case, "finish_row"):  # per-group notes that need the measured times
-                        case.finish_row(row)
+                    case.finish_row(row)
                 except KeyboardInterrupt:
                     interrupted = True
                     row = harness.skipped_row(case, "run interrupted")

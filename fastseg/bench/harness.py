@@ -151,10 +151,14 @@ class Case:
     pass_: str  # forward, backward or train_step
     reference: str
     setup: Callable[[], Workload]
+    skip_reason: str | None = None  # set when the case cannot run here (e.g. its reference is not installed)
 
     @property
     def label(self) -> str:
         return f"{self.op} | {self.case} | {dtype_name(self.dtype)} | {self.layout} | {self.pass_}"
+
+    def finish_row(self, row: "Row") -> None:
+        """Add notes that need the measured times (a group's Case subclass overrides it)."""
 
 
 @dataclass

@@ -136,11 +136,9 @@ CRF_PIPELINE = {
 
 @dataclass
 class ModelCase(Case):
-    """A Case whose rows get notes after the run (images/s, the converter's summary, first-call times), or which
-    is skipped outright (skip_reason). `python -m fastseg bench` calls finish_row after run_case."""
+    """A Case whose rows get notes after the run (images/s, the converter's summary, first-call times)."""
 
     images: int = 0
-    skip_reason: str | None = None
     info: dict = field(default_factory=dict)  # filled by setup: converter summary, first-call times
 
     def finish_row(self, row: Row) -> None:
