@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastseg.bench.crf import pydensecrf_available
 from fastseg.bench.harness import Case, Row, Workload, dtype_name
 
 EAGER = "torch eager"
@@ -151,14 +152,6 @@ class ModelCase(Case):
         for side, ms in self.info.get("first_call_ms", {}).items():
             notes.append(f"first call {side} {ms / 1e3:.1f} s")
         row.notes.extend(notes)
-
-
-def pydensecrf_available() -> bool:
-    try:
-        import pydensecrf.densecrf  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def cases(device: torch.device, dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
