@@ -503,6 +503,9 @@ def optimize(model: nn.Module, *, inplace: bool = False, report: bool = False):
     See the module doc for what is swapped, how a chain's order is proven, and why the state_dict, parameter
     names and outputs stay the same (up to the rounding of a folded BatchNorm).
 
+    The speed is on CUDA. On the CPU fastseg has no convolution kernel: the swapped convolutions run the
+    plain-PyTorch reference, so an optimized model computes the same outputs there, but more slowly than torch.
+
     Args:
         model: any torch.nn.Module, on any device (also 'meta': nothing is computed).
         inplace: False (default): convert a deep copy; the original is untouched and shares no parameter or
