@@ -2,9 +2,10 @@
 
 The README workload: a 512x512 RGB photograph (scikit-image's astronaut when scikit-image is installed, else
 a synthetic image of coloured blobs), 21 labels, 10 mean-field iterations, Gaussian sxy=3 w=3 + bilateral
-sxy=80 srgb=13 w=10, Potts; and a 256x256 crop of it. Both timings include building the lattices (pydensecrf
-builds them in addPairwise*, fastseg inside dense_crf). The unaries are a noisy 21-class segmentation of the
-image. The check reports pydensecrf agreement: per-pixel argmax agreement and mean |dQ| (a MISMATCH below
+sxy=80 srgb=13 w=10, Potts; time against size with 128x128 and 256x256 crops (and 1024x1024 on a GPU), and
+against the number of labels with 2, 8 and 64 at 256x256. Both timings include building the lattices (pydensecrf
+builds them in addPairwise*, fastseg inside dense_crf). The unaries are a noisy segmentation of the
+image (as many classes as labels). The check reports pydensecrf agreement: per-pixel argmax agreement and mean |dQ| (a MISMATCH below
 99.5 % / above 1e-3). pydensecrf always runs on the CPU (one core): on a GPU run the speedup compares fastseg on the GPU
 with it; where pydensecrf is not installed (the lent GPU machines), fastseg on the CPU is the reference.
 """
@@ -22,6 +23,8 @@ from fastseg.bench.harness import Case, Workload
 
 REFERENCE = "pydensecrf"
 LABELS = 21
+SIZES = (128, 256, 512)  # square crops; a GPU run adds 1024x1024
+LABEL_SWEEP = (2, 8, 64)  # at 256x256, beside the 21-label rows
 ITERATIONS = 10
 GAUSSIAN_SXY, GAUSSIAN_W, BILATERAL_SXY, BILATERAL_SRGB, BILATERAL_W = 3.0, 3.0, 80.0, 13.0, 10.0
 AGREEMENT, MEAN_ABS_DQ = 0.995, 1e-3
@@ -46,21 +49,28 @@ def cases(device: torch.device, dtypes: Sequence[torch.dtype], quick: bool) -> l
     else:
         print("crf: pydensecrf is not installed (pip install pydensecrf2): no dense_crf cases on the CPU", flush=True)
         return []
-    sizes = (256,) if quick else (256, 512)
+    if quick:
+        runs = [(256, LABELS)]
+    else:  # time against image size at the README's 21 labels, then against the number of labels at 256x256
+        sizes = SIZES + ((1024,) if device.type == "cuda" else ())
+        runs = [(size, LABELS) for size in sizes] + [(256, labels) for labels in LABEL_SWEEP]
     return [
-        Case(op="dense_crf", case=f"{size}x{size} rgb, {LABELS} labels, {ITERATIONS} it, {KERNELS}",
+        Case(op="dense_crf", case=f"{size}x{size} rgb, {labels} labels, {ITERATIONS} it, {KERNELS}",
              dtype=torch.float32, layout="nchw", pass_="forward", reference=reference,
-             setup=functools.partial(crf_workload, size, device, reference))
-        for size in sizes
+             setup=functools.partial(crf_workload, size, device, reference, labels))
+        for size, labels in runs
     ]
 
 
 def sample_image(size: int) -> np.ndarray:
-    """[size, size, 3] uint8: the astronaut photograph (centre crop), else smooth coloured blobs plus noise."""
+    """[size, size, 3] uint8: the astronaut photograph (centre crop; pixels repeated first for sizes above its
+    512), else smooth coloured blobs plus noise."""
     try:
         import skimage.data
 
         image = skimage.data.astronaut()
+        repeat = -(-size // image.shape[0])
+        image = image.repeat(repeat, axis=0).repeat(repeat, axis=1)
         top = (image.shape[0] - size) // 2
         return np.ascontiguousarray(image[top:top + size, top:top + size, :3])
     except Exception:
@@ -85,17 +95,17 @@ def noisy_unary(image: np.ndarray, labels: int) -> np.ndarray:
     return np.ascontiguousarray(-np.log(np.clip(probs, 1e-5, 1.0)).reshape(labels, -1), dtype=np.float32)
 
 
-def crf_workload(size: int, device: torch.device, reference_name: str = REFERENCE) -> Workload:
+def crf_workload(size: int, device: torch.device, reference_name: str = REFERENCE, labels: int = LABELS) -> Workload:
     image = sample_image(size)
-    unary = noisy_unary(image, LABELS)
-    logits = -torch.from_numpy(unary).reshape(1, LABELS, size, size).to(device)
+    unary = noisy_unary(image, labels)
+    logits = -torch.from_numpy(unary).reshape(1, labels, size, size).to(device)
     image_t = torch.from_numpy(image).permute(2, 0, 1)[None].float().to(device)
 
     if reference_name == REFERENCE:
         import pydensecrf.densecrf as dcrf
 
         def reference() -> np.ndarray:
-            d = dcrf.DenseCRF2D(size, size, LABELS)
+            d = dcrf.DenseCRF2D(size, size, labels)
             d.setUnaryEnergy(unary)
             d.addPairwiseGaussian(sxy=GAUSSIAN_SXY, compat=GAUSSIAN_W)
             d.addPairwiseBilateral(sxy=BILATERAL_SXY, srgb=BILATERAL_SRGB, rgbim=image, compat=BILATERAL_W)
@@ -108,7 +118,7 @@ def crf_workload(size: int, device: torch.device, reference_name: str = REFERENC
                 q = fastseg.dense_crf(logits_cpu, image_cpu, iterations=ITERATIONS, gaussian_sxy=GAUSSIAN_SXY,
                                       gaussian_weight=GAUSSIAN_W, bilateral_sxy=BILATERAL_SXY,
                                       bilateral_srgb=BILATERAL_SRGB, bilateral_weight=BILATERAL_W)
-            return q.reshape(LABELS, -1).double().numpy()
+            return q.reshape(labels, -1).double().numpy()
 
     def run_fastseg() -> torch.Tensor:
         with torch.no_grad():
