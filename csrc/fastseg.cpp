@@ -56,20 +56,20 @@ TORCH_LIBRARY(fastseg, m) {
       "Tensor num_vertices, Tensor splat_offsets, Tensor splat_points, Tensor splat_points_weight, bool reverse) "
       "-> Tensor");
 
-  // ext_lattice_filter with per-point scales (CPU): out = slice_scale * filter(splat_scale * values), each
-  // scale [B, N] of the values' dtype or None (1). The CRF's inference path folds its normalisations and
-  // Potts weights into them. Not differentiable (the CRF's autograd path uses ext_lattice_filter).
+  // Dense-CRF mean-field inference (csrc/crf, CPU), every iteration in one call; inference only (no autograd:
+  // fastseg/ops/crf.py uses it when nothing requires grad). logits [B, L, N] (float32/float64, any strides)
+  // and K pairwise terms, term k given by the lattice tables splat_vertex[k], splat_weight[k] (the logits'
+  // dtype), blur_neighbors[k], num_vertices[k] of ext_lattice_build over B or 1 images (one image: the lattice
+  // serves the whole batch), pydensecrf's normalization[k] ("symmetric", "before", "after" or "none"), a
+  // weight[k] and compat[k] (None: Potts, or an [L, L] matrix M_k of the logits' dtype). Returns the
+  // contiguous [B, L, N] marginals: Q = softmax(logits), then `iterations` times
+  //   m_k = weight_k * post_k * lattice_filter_k(pre_k * Q)
+  //   Q = softmax over L of (logits + sum_{Potts k} m_k - sum_{matrix k} M_k m_k)
+  // with n_k = lattice_filter_k(1): "symmetric" pre = post = 1 / sqrt(n_k + 1e-20), "before" pre = 1 / (n_k +
+  // 1e-20), "after" post = 1 / (n_k + 1e-20) (absent scales are 1).
   m.def(
-      "ext_lattice_filter_scaled(Tensor values, Tensor? splat_scale, Tensor? slice_scale, Tensor splat_vertex, "
-      "Tensor splat_weight, Tensor blur_neighbors, Tensor num_vertices, Tensor splat_offsets, Tensor splat_points, "
-      "Tensor splat_points_weight, bool reverse) -> Tensor");
-
-  // One dense-CRF mean-field update (csrc/crf), inference only (no autograd; fastseg/ops/crf.py uses it when
-  // nothing requires grad): logits [B, N, L] (float32/float64, labels innermost) and K messages [B, N, L] of
-  // the logits' dtype (any batch/point strides) with compat[k] None (the message is added as is: an already
-  // weighted Potts message) or an [L, L] matrix M_k (M_k m_k is subtracted). Returns the contiguous [B, N, L]
-  //   Q = softmax over L of (logits + sum_{Potts k} m_k - sum_{matrix k} M_k m_k).
-  m.def("ext_crf_update(Tensor logits, Tensor[] messages, Tensor?[] compat) -> Tensor");
+      "ext_crf_mean_field(Tensor logits, Tensor[] splat_vertex, Tensor[] splat_weight, Tensor[] blur_neighbors, "
+      "Tensor[] num_vertices, str[] normalization, float[] weight, Tensor?[] compat, int iterations) -> Tensor");
 }
 
 namespace {

@@ -149,7 +149,7 @@ def _tol(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("B, d", [(1, 1), (3, 2), (2, 3), (1, 5), (2, 8), (1, 12), (2, 16)])
+@pytest.mark.parametrize("B, d", [(1, 1), (3, 2), (2, 3), (1, 4), (1, 5), (2, 6), (1, 7), (2, 8), (1, 12), (2, 16)])
 def test_extension_matches_reference(B, d, dtype):
     skip_unless("extension")
     N, C = 257, 5
@@ -175,21 +175,24 @@ def test_extension_matches_reference(B, d, dtype):
                                    torch.ops.fastseg.ext_lattice_filter(v, *ext, True)[b : b + 1], **_tol(dtype))
 
 
-def test_extension_build_tables_are_consistent():
-    """The CSR is the transpose of (splat_vertex, splat_weight); neighbours are mutual; weights sum to 1."""
+@pytest.mark.parametrize("N", [300, 40000])  # 40000: the CSR is sorted in chunks of points in parallel
+def test_extension_build_tables_are_consistent(N):
+    """The CSR is the transpose of (splat_vertex, splat_weight), points ascending within a vertex; neighbours
+    are mutual; weights sum to 1."""
     skip_unless("extension")
-    f = torch.randn(2, 3, 300, dtype=torch.float64)
+    f = torch.randn(2, 3, N, dtype=torch.float64) * 4
     sv, sw, nb, nv, so, sp, spw = torch.ops.fastseg.ext_lattice_build(f)
-    torch.testing.assert_close(sw.sum(-1), torch.ones(2, 300, dtype=torch.float64))
+    torch.testing.assert_close(sw.sum(-1), torch.ones(2, N, dtype=torch.float64))
     d1 = 4
     for b in range(2):
         M = int(nv[b])
-        assert int(so[b, 0]) == 0 and int(so[b, M]) == 300 * d1 and bool((so[b, M:] == 300 * d1).all())
+        assert int(so[b, 0]) == 0 and int(so[b, M]) == N * d1 and bool((so[b, M:] == N * d1).all())
         rows = torch.repeat_interleave(torch.arange(M), (so[b, 1 : M + 1] - so[b, :M]).long())
-        pairs = sorted(zip(rows.tolist(), sp[b].tolist(), spw[b].tolist()))
-        expect = sorted(zip(sv[b].reshape(-1).tolist(), torch.arange(300).repeat_interleave(d1).tolist(),
+        pairs = list(zip(rows.tolist(), sp[b].tolist(), spw[b].tolist()))
+        assert pairs == sorted(pairs, key=lambda e: e[:2])
+        expect = sorted(zip(sv[b].reshape(-1).tolist(), torch.arange(N).repeat_interleave(d1).tolist(),
                             sw[b].reshape(-1).tolist()))
-        assert pairs == expect
+        assert sorted(pairs) == expect
         for j in range(d1):
             n = nb[b, j, :M].long()
             has = n[:, 0] >= 0
@@ -236,10 +239,11 @@ def test_float32_values_on_float64_lattice_and_back():
 
 def test_extension_is_deterministic():
     """Same tables and results on every run and for any thread count (the build hashes chunks of points in
-    parallel and merges them in chunk order: the numbering is the sequential one)."""
+    parallel and merges them in chunk order: the numbering is the sequential one; it sorts the CSR in chunks
+    of points)."""
     skip_unless("extension")
-    f = torch.randn(1, 5, 20000)
-    v = torch.randn(1, 21, 20000)
+    f = torch.randn(1, 5, 40000)
+    v = torch.randn(1, 21, 40000)
     a = fastseg.PermutohedralLattice(f)
     b = fastseg.PermutohedralLattice(f)
     threads = torch.get_num_threads()

@@ -152,18 +152,14 @@ FASTSEG_HOST_DEVICE inline void neighbour_key(const int32_t* key, int d, int dir
   }
 }
 
-// A 32-bit hash of a d-coordinate key (FNV-style multiply-xor with a final avalanche).
+// A 32-bit hash of a d-coordinate key: a polynomial in 64-bit arithmetic (one multiply per coordinate, a short
+// dependency chain), of which the well-mixed high half is kept.
 FASTSEG_HOST_DEVICE inline uint32_t hash_key(const int32_t* key, int d) {
-  uint32_t h = 2166136261u;
+  uint64_t h = 0;
   for (int j = 0; j < d; ++j) {
-    h = (h ^ static_cast<uint32_t>(key[j])) * 16777619u;
-    h ^= h >> 15;
+    h = (h + static_cast<uint32_t>(key[j])) * 0x9E3779B97F4A7C15ull;
   }
-  h *= 0x2c1b3c6du;
-  h ^= h >> 12;
-  h *= 0x297a2d39u;
-  h ^= h >> 15;
-  return h;
+  return static_cast<uint32_t>(h >> 32);
 }
 
 FASTSEG_HOST_DEVICE inline bool keys_equal(const int32_t* a, const int32_t* b, int d) {

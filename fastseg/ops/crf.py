@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -65,26 +65,40 @@ class PairwiseTerm:
     lattice: object
     compat: float | Tensor
     normalization: str = "symmetric"
-    pre: Tensor | None = None  # [B_lat, N, 1]
-    post: Tensor | None = None
     shared: bool = False  # one lattice (B_lat = 1) for every image of the batch
+    ones: Tensor | None = field(default=None, repr=False)  # [B_lat, 1, N] of the features' dtype and device
+    _scales: tuple | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, features: Tensor, compat, normalization: str = "symmetric") -> "PairwiseTerm":
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-        lattice = _build_lattice(features)
-        term = cls(lattice, compat, normalization, shared=features.shape[0] == 1)
-        if normalization != "none":
-            ones = features.new_ones(features.shape[0], 1, features.shape[-1])
-            norm = lattice.filter(ones, normalization="none").transpose(1, 2)
-            if normalization == "symmetric":
-                term.pre = term.post = 1.0 / torch.sqrt(norm + 1e-20)
-            elif normalization == "before":
-                term.pre = 1.0 / (norm + 1e-20)
-            else:
-                term.post = 1.0 / (norm + 1e-20)
-        return term
+        ones = features.new_ones(()).expand(features.shape[0], 1, features.shape[-1])
+        return cls(_build_lattice(features), compat, normalization, shared=features.shape[0] == 1, ones=ones)
+
+    def _normalizers(self) -> tuple[Tensor | None, Tensor | None]:
+        """(pre, post), each [B_lat, N, 1] or None, from the filtered ones; computed on first use (the fused
+        CPU path computes them in C++ instead)."""
+        if self._scales is None:
+            pre = post = None
+            if self.normalization != "none":
+                norm = self.lattice.filter(self.ones, normalization="none").transpose(1, 2)
+                if self.normalization == "symmetric":
+                    pre = post = 1.0 / torch.sqrt(norm + 1e-20)
+                elif self.normalization == "before":
+                    pre = 1.0 / (norm + 1e-20)
+                else:
+                    post = 1.0 / (norm + 1e-20)
+            self._scales = (pre, post)
+        return self._scales
+
+    @property
+    def pre(self) -> Tensor | None:
+        return self._normalizers()[0]
+
+    @property
+    def post(self) -> Tensor | None:
+        return self._normalizers()[1]
 
     def _lattice_filter(self, q: Tensor) -> Tensor:
         """K (pre q) for points-major q [B, N, L]: the lattice holds B images, or one image shared by the
@@ -133,30 +147,23 @@ class PairwiseTerm:
 
 
 def _fused_ops_available() -> bool:
-    return _backend.extension() is not None and hasattr(torch.ops.fastseg, "ext_crf_update") and hasattr(
-        torch.ops.fastseg, "ext_lattice_filter_scaled")
+    return _backend.extension() is not None and hasattr(torch.ops.fastseg, "ext_crf_mean_field")
 
 
 def _register_extension_fakes() -> None:
     if not _fused_ops_available():
         return
 
-    @torch.library.register_fake("fastseg::ext_crf_update")
-    def _(logits, messages, compat):
+    @torch.library.register_fake("fastseg::ext_crf_mean_field")
+    def _(logits, *terms_and_iterations):
         return logits.new_empty(logits.shape)
-
-    @torch.library.register_fake("fastseg::ext_lattice_filter_scaled")
-    def _(values, splat_scale, slice_scale, *tables_and_reverse):
-        from fastseg.ops.lattice import _filter_result_like
-
-        return _filter_result_like(values)
 
 
 _register_extension_fakes()
 
 
 def _can_fuse(logits: Tensor, terms: Sequence[PairwiseTerm]) -> bool:
-    """The fused update serves inference: CPU tensors, the extension selected for the lattice, real
+    """The fused inference serves inference: CPU tensors, the extension selected for the lattice, real
     PermutohedralLattices (tests substitute exact filters), and nothing that autograd would have to reach."""
     from fastseg.ops.lattice import PermutohedralLattice
 
@@ -171,63 +178,41 @@ def _can_fuse(logits: Tensor, terms: Sequence[PairwiseTerm]) -> bool:
 
 
 class _FusedTerm:
-    """A PairwiseTerm's filter with its normalisations and a Potts weight as the per-point scales of
-    ext_lattice_filter_scaled: splat_scale = pre, slice_scale = post * w, so one filter call gives
-    w post K (pre q) (Potts) or post K (pre q) (a matrix compat, applied by ext_crf_update)."""
+    """A PairwiseTerm as ext_crf_mean_field takes it: the lattice tables the CPU filter reads, the
+    normalisation (which the op computes), a weight (Potts: w; a matrix compatibility: 1) and the matrix
+    (None for Potts)."""
 
     def __init__(self, term: PairwiseTerm, dtype: torch.dtype):
-        self.tables = term.lattice._tables_for(dtype)
+        self.tables = term.lattice._tables_for(dtype)[:4]  # splat_vertex, splat_weight, blur_neighbors, num_vertices
+        self.normalization = term.normalization
         c = term.compat
         if isinstance(c, Tensor) and c.dim() == 0:
             c = float(c)
-        self.compat = None
-        weight = 1.0
         if isinstance(c, Tensor):
             c = c.to(dtype)
-            self.compat = (torch.diag(c) if c.dim() == 1 else c).contiguous()
+            self.weight, self.compat = 1.0, (torch.diag(c) if c.dim() == 1 else c).contiguous()
         else:
-            weight = float(c)
-        n = term.lattice.num_points
-        self.pre = None if term.pre is None else term.pre.to(dtype).reshape(-1, n).contiguous()
-        post = term.post
-        if post is None and weight != 1.0:
-            post = torch.ones(self.tables[0].shape[0], n, dtype=dtype, device=self.tables[0].device)
-        self.post = None if post is None else (post.to(dtype).reshape(-1, n) * weight).contiguous()
-        self.shared = term.shared
-
-    def _filter(self, values: Tensor) -> Tensor:
-        return torch.ops.fastseg.ext_lattice_filter_scaled(values, self.pre, self.post, *self.tables, False)
-
-    def message(self, q: Tensor) -> Tensor:
-        """The term's message for points-major q [B, N, L], as a [B, N, L] view with unit label stride."""
-        B, N, L = q.shape
-        if self.shared and B > 1:
-            folded = q.permute(1, 0, 2).reshape(1, N, B * L)
-            out = self._filter(folded.transpose(1, 2))
-            return out.transpose(1, 2).reshape(N, B, L).permute(1, 0, 2)
-        return self._filter(q.transpose(1, 2)).transpose(1, 2)
+            self.weight, self.compat = float(c), None
 
 
 def _mean_field_fused(logits: Tensor, terms: Sequence[PairwiseTerm], iterations: int) -> Tensor:
-    """mean_field with every update one ext_crf_update call over the terms' scaled filters."""
+    """mean_field as one ext_crf_mean_field call: every iteration in C++, Q kept in the lattices."""
     fused = [_FusedTerm(t, logits.dtype) for t in terms]
-    compat = [f.compat for f in fused]
-    q = torch.ops.fastseg.ext_crf_update(logits, [], [])
-    for _ in range(iterations):
-        q = torch.ops.fastseg.ext_crf_update(logits, [f.message(q) for f in fused], compat)
-    return q.transpose(1, 2)
+    return torch.ops.fastseg.ext_crf_mean_field(logits, *([f.tables[i] for f in fused] for i in range(4)),
+                                                [f.normalization for f in fused], [f.weight for f in fused],
+                                                [f.compat for f in fused], iterations)
 
 
 def mean_field(logits: Tensor, terms: Sequence[PairwiseTerm], iterations: int) -> Tensor:
     """pydensecrf's inference over [B, L, N] logits (= -U): Q0 = softmax(logits), then `iterations` updates
-    Q = softmax(logits - sum_k mu_k(Ktilde_k Q)). Returns Q [B, L, N] (a view with unit label stride).
+    Q = softmax(logits - sum_k mu_k(Ktilde_k Q)). Returns Q [B, L, N].
 
-    On the CPU with the extension, when nothing requires grad (inference), each update is one fused C++ pass
-    (ext_crf_update) over filters that apply the normalisations and Potts weights as per-point scales inside
-    the splat and slice (ext_lattice_filter_scaled); otherwise the differentiable torch loop below runs."""
-    logits = logits.transpose(1, 2).contiguous()  # points-major [B, N, L]
+    On the CPU with the extension, when nothing requires grad (inference), all the iterations (and the
+    normalisations) are one C++ call (ext_crf_mean_field); otherwise the differentiable torch loop below
+    runs."""
     if _can_fuse(logits, terms):
         return _mean_field_fused(logits, terms, iterations)
+    logits = logits.transpose(1, 2).contiguous()  # points-major [B, N, L]
     q = torch.softmax(logits, dim=-1)
     for _ in range(iterations):
         tmp = logits

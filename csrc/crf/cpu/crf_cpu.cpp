@@ -1,227 +1,751 @@
-// CPU kernel of fastseg::ext_crf_update: one dense-CRF mean-field update in a single pass over [B, N, L].
+// CPU kernel of fastseg::ext_crf_mean_field: dense-CRF mean-field inference (pydensecrf's update) over
+// permutohedral lattices, every iteration in one call.
 //
-// For every point (row of L labels, labels innermost):
-//   tmp = logits + sum_{k Potts} m_k - sum_{k matrix} M_k m_k ;   Q = softmax(tmp)
-// where m_k are the already normalised, weighted filtered messages of kernel k (fastseg/ops/crf.py folds the
-// symmetric normalisation and the Potts weights into the lattice tables). This replaces the addcmul / matmul
-// / softmax passes of the plain-PyTorch loop (which stays the differentiable path).
+// With K pairwise terms, each a lattice (tables of ext_lattice_build), a normalisation, a weight and a
+// compatibility:
+//   Q0 = softmax(logits);  then `iterations` times
+//   m_k = w_k post_k filter_k(pre_k Q)     (filter_k: splat, blur, slice of lattice k)
+//   Q   = softmax over labels of (logits + sum_{Potts k} m_k - sum_{matrix k} M_k m_k)
+// with pydensecrf's normalisations of n_k = filter_k(1): "symmetric" pre = post = 1 / sqrt(n + 1e-20),
+// "before" pre = 1 / (n + 1e-20), "after" post = 1 / (n + 1e-20), "none" (each scale absent is 1).
 //
-// float32 uses a branch-free Cephes-style exp (about 1 ulp) that the compiler vectorises; float64 uses std::exp.
+// One pass over the points per iteration does, for each point, the slice of every term, the update, the
+// softmax and the splat of the new Q into the next iteration's lattices, so Q never goes to memory between
+// iterations (only the final one is written); then each lattice is reduced and blurred.
+//
+// Splat without atomics, deterministic for any thread count: the points are cut into contiguous chunks whose
+// number depends on N alone; each chunk scatters into its own compact buffer, one row per vertex that the
+// chunk touches (numbered in the chunk's order of first appearance), so a chunk's buffer stays small and in
+// cache. The reduce then sums every vertex's chunk rows in chunk order. Neighbouring points share vertices, so
+// the chunk rows add up to little more than the lattice (about 1.1 M for a 512x512 spatial lattice, 1.6 M
+// for a bilateral one, at 32 chunks).
+//
+// Rows are labels-innermost and padded to whole SIMD vectors (GCC vector extensions); padding lanes stay 0
+// in every lattice buffer, and the padded logits hold -inf there, which the softmax masks out. The kernels
+// exist twice: for the baseline target (16-byte vectors: SSE2 on x86-64, NEON on arm64) and, on x86-64
+// CPUs that have them, AVX2 and FMA (32-byte vectors), chosen at run time by torch's CPU capability:
+// setup.py compiles for the baseline, and the per-point work is bound by arithmetic that AVX2 halves.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Optional.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <limits>
+#include <memory>
+#include <string>
+#include <type_traits>
 #include <vector>
+
+#include "lattice/cpu/lattice_cpu.h"
+#include "lattice/lattice_args.h"
+#include "lattice/lattice_math.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FASTSEG_CRF_AVX2 1
+#endif
+
+// The vector helpers below are internal and inlined: GCC's note that passing 32-byte vectors without AVX
+// changes the ABI concerns calls across translation units, which never happen.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace fastseg {
 namespace crf {
 namespace {
 
-// exp(x) for x <= 0 (callers subtract the row maximum), 4 lanes at a time in GCC/Clang vector types (16 bytes: SSE2 / NEON registers) (which
-// the compiler maps onto whatever SIMD the target has): Cephes expf's range reduction and polynomial (about
-// 1 ulp); arguments below -87.3 give exp(-87.3) (~1e-38), far below softmax's resolution; NaN stays NaN.
-typedef float vfloat4 __attribute__((vector_size(16)));
-typedef int32_t vint4 __attribute__((vector_size(16)));
+using lattice::grain_for;
 
-__attribute__((always_inline)) inline vfloat4 exp_nonpositive(vfloat4 x) {
-  x = x < -87.3f ? vfloat4{} - 87.3f : x;
-  x = x > 0.0f ? vfloat4{} : x;
-  // n = round(x / ln 2): for x <= 0, truncating x / ln 2 - 0.5 towards 0 rounds to nearest
-  const vint4 n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, vint4);
-  const vfloat4 fn = __builtin_convertvector(n, vfloat4);
-  vfloat4 r = x - fn * 0.693359375f;
-  r = r - fn * -2.12194440e-4f;
-  const vfloat4 r2 = r * r;
-  vfloat4 y = r * 1.9875691500e-4f + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r2 + r + 1.0f;
-  const vint4 bits = (n + 127) << 23;
-  return y * (vfloat4)bits;  // a vector cast reinterprets the bits
-}
+// The row helpers are inlined into each target's kernels (a call would lose the caller's target).
+#define FASTSEG_ALWAYS_INLINE inline __attribute__((always_inline))
 
-// v[i] = exp(v[i]) for n values, all <= 0.
-inline void exp_inplace(float* v, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    vfloat4 x, y;
-    std::memcpy(&x, v + i, sizeof(x));
-    std::memcpy(&y, v + i + 4, sizeof(y));
-    x = exp_nonpositive(x);
-    y = exp_nonpositive(y);
-    std::memcpy(v + i, &x, sizeof(x));
-    std::memcpy(v + i + 4, &y, sizeof(y));
-  }
-  for (; i + 4 <= n; i += 4) {
-    vfloat4 x;
-    std::memcpy(&x, v + i, sizeof(x));
-    x = exp_nonpositive(x);
-    std::memcpy(v + i, &x, sizeof(x));
-  }
-  if (i < n) {
-    vfloat4 x{};
-    std::memcpy(&x, v + i, (n - i) * sizeof(float));
-    x = exp_nonpositive(x);
-    std::memcpy(v + i, &x, (n - i) * sizeof(float));
-  }
-}
+// --- SIMD rows ------------------------------------------------------------------------------------------------
 
-inline void exp_inplace(double* v, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    v[i] = std::exp(v[i]);
-  }
-}
-
-struct Message {
-  const void* data;
-  int64_t sb, sn;          // strides of batch and point (labels have stride 1)
-  const void* compat;      // [L, L] contiguous, or nullptr for an already weighted Potts message
+template <typename T, int kBytes>
+struct Simd {
+  typedef T V __attribute__((vector_size(kBytes)));
+  typedef int32_t I __attribute__((vector_size(kBytes)));
+  static constexpr int kLanes = kBytes / static_cast<int>(sizeof(T));
 };
 
-// Row maximum and sum with four independent chains (a single chain of dependent max/add instructions is
-// latency-bound; the compiler may not reassociate floating-point reductions itself).
-template <typename T>
-inline T row_max(const T* v, int64_t L) {
-  T m0 = v[0], m1 = v[0], m2 = v[0], m3 = v[0];
-  int64_t l = 0;
-  for (; l + 4 <= L; l += 4) {
-    m0 = std::max(m0, v[l]);
-    m1 = std::max(m1, v[l + 1]);
-    m2 = std::max(m2, v[l + 2]);
-    m3 = std::max(m3, v[l + 3]);
-  }
-  for (; l < L; ++l) {
-    m0 = std::max(m0, v[l]);
-  }
-  return std::max(std::max(m0, m1), std::max(m2, m3));
+template <typename V>
+FASTSEG_ALWAYS_INLINE V load(const void* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
 }
 
-template <typename T>
-inline T row_sum(const T* v, int64_t L) {
-  T s0 = T(0), s1 = T(0), s2 = T(0), s3 = T(0);
-  int64_t l = 0;
-  for (; l + 4 <= L; l += 4) {
-    s0 += v[l];
-    s1 += v[l + 1];
-    s2 += v[l + 2];
-    s3 += v[l + 3];
-  }
-  for (; l < L; ++l) {
-    s0 += v[l];
-  }
-  return (s0 + s1) + (s2 + s3);
+template <typename V>
+FASTSEG_ALWAYS_INLINE void store(void* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
 }
 
-// Rows per tile: the tile's [rows, L] block is exponentiated as one flat run.
-constexpr int64_t kRowTile = 64;
+// exp(x) for x <= 0 (callers subtract the row maximum). float: Cephes expf's range reduction and polynomial
+// (about 1 ulp) on every lane; arguments below -87.3 give exp(-87.3) (~1e-38), far below softmax's
+// resolution; NaN stays NaN. double: std::exp per lane.
+template <typename T, int kBytes>
+FASTSEG_ALWAYS_INLINE typename Simd<T, kBytes>::V exp_nonpositive(typename Simd<T, kBytes>::V x) {
+  using V = typename Simd<T, kBytes>::V;
+  if constexpr (std::is_same_v<T, float>) {
+    using I = typename Simd<T, kBytes>::I;
+    x = x < -87.3f ? V{} - 87.3f : x;
+    x = x > 0.0f ? V{} : x;
+    // n = round(x / ln 2): for x <= 0, truncating x / ln 2 - 0.5 towards 0 rounds to nearest
+    const I n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, I);
+    const V fn = __builtin_convertvector(n, V);
+    V r = x - fn * 0.693359375f;
+    r = r - fn * -2.12194440e-4f;
+    const V r2 = r * r;
+    V y = r * 1.9875691500e-4f + 1.3981999507e-3f;
+    y = y * r + 8.3334519073e-3f;
+    y = y * r + 4.1665795894e-2f;
+    y = y * r + 1.6666665459e-1f;
+    y = y * r + 5.0000001201e-1f;
+    y = y * r2 + r + 1.0f;
+    const I bits = (n + 127) << 23;
+    return y * (V)bits;  // a vector cast reinterprets the bits
+  } else {
+    for (int i = 0; i < Simd<T, kBytes>::kLanes; ++i) {
+      x[i] = std::exp(x[i]);
+    }
+    return x;
+  }
+}
 
-template <typename T>
-void update_impl(const at::Tensor& logits, const std::vector<Message>& msgs, const at::Tensor& out) {
-  const int64_t B = logits.size(0), N = logits.size(1), L = logits.size(2);
-  const T* lg = logits.const_data_ptr<T>();
-  const int64_t lsb = logits.stride(0), lsn = logits.stride(1);
-  T* o = out.mutable_data_ptr<T>();  // contiguous [B, N, L]
-  const int64_t rows = B * N;
-  const int64_t tiles = (rows + kRowTile - 1) / kRowTile;
-  const int64_t grain = std::max<int64_t>(1, 32768 / (kRowTile * L * (2 + int64_t(msgs.size()))));
-  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> tmp(static_cast<size_t>(L));
+// --- the chunks -------------------------------------------------------------------------------------------
+
+// Points per chunk (at least; their count is N / kChunkPoints): small enough that a chunk's buffers stay in a
+// core's cache, and that there are chunks for every thread of a large machine.
+constexpr int64_t kChunkPoints = 8192;
+
+int64_t num_chunks(int64_t N) {
+  return std::max<int64_t>(1, N / kChunkPoints);
+}
+
+int64_t chunk_begin(int64_t N, int64_t chunks, int64_t t) {
+  return N * t / chunks;
+}
+
+// The chunk rows of one lattice image.
+struct ChunkRows {
+  std::vector<int32_t> splat_row;      // [N * (d + 1)]: the chunk row each splat entry adds into
+  std::vector<int64_t> first_row;      // [chunks + 1]: chunk t owns rows first_row[t] .. first_row[t + 1] - 1
+  std::vector<int32_t> reduce_offsets; // [M + 1]: vertex v sums rows reduce_rows[reduce_offsets[v] ..
+  std::vector<int32_t> reduce_rows;    //           reduce_offsets[v + 1] - 1], in chunk order
+};
+
+ChunkRows make_chunk_rows(const int32_t* vertex, int64_t N, int d1, int64_t M, int64_t chunks) {
+  ChunkRows cr;
+  cr.splat_row.resize(static_cast<size_t>(N) * d1);
+  // Per chunk, in parallel: chunk-local ids in order of first appearance and the vertex of each local id.
+  std::vector<std::vector<int32_t>> vertex_of(chunks);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> local(static_cast<size_t>(M), -1);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t r0 = t * kRowTile, r1 = std::min(rows, r0 + kRowTile);
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t b = r / N, n = r - b * N;
-        const T* __restrict u = lg + b * lsb + n * lsn;
-        T* __restrict acc = o + r * L;
-        for (int64_t l = 0; l < L; ++l) {
-          acc[l] = u[l];
+      std::vector<int32_t>& seen = vertex_of[t];
+      for (int64_t e = chunk_begin(N, chunks, t) * d1; e < chunk_begin(N, chunks, t + 1) * d1; ++e) {
+        const int32_t v = vertex[e];
+        if (local[v] < 0) {
+          local[v] = static_cast<int32_t>(seen.size());
+          seen.push_back(v);
         }
-        for (const Message& m : msgs) {
-          const T* __restrict x = static_cast<const T*>(m.data) + b * m.sb + n * m.sn;
-          if (m.compat == nullptr) {
-            for (int64_t l = 0; l < L; ++l) {
-              acc[l] += x[l];
-            }
-          } else {
-            const T* __restrict M = static_cast<const T*>(m.compat);
-            for (int64_t l = 0; l < L; ++l) {
-              T s = T(0);
-              const T* __restrict row = M + l * L;
-#pragma omp simd reduction(+ : s)
-              for (int64_t j = 0; j < L; ++j) {
-                s += row[j] * x[j];
-              }
-              tmp[l] = s;
-            }
-            for (int64_t l = 0; l < L; ++l) {
-              acc[l] -= tmp[l];
-            }
-          }
-        }
-        const T mx = row_max(acc, L);
-        for (int64_t l = 0; l < L; ++l) {
-          acc[l] -= mx;
-        }
+        cr.splat_row[e] = local[v];
       }
-      exp_inplace(o + r0 * L, (r1 - r0) * L);
-      for (int64_t r = r0; r < r1; ++r) {
-        T* __restrict acc = o + r * L;
-        const T inv = T(1) / row_sum(acc, L);
-        for (int64_t l = 0; l < L; ++l) {
-          acc[l] *= inv;
-        }
+      for (const int32_t v : seen) {
+        local[v] = -1;
       }
     }
   });
+  cr.first_row.resize(chunks + 1);
+  cr.first_row[0] = 0;
+  for (int64_t t = 0; t < chunks; ++t) {
+    cr.first_row[t + 1] = cr.first_row[t] + static_cast<int64_t>(vertex_of[t].size());
+  }
+  TORCH_CHECK(cr.first_row[chunks] < std::numeric_limits<int32_t>::max(), "crf_mean_field: too many chunk rows");
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int32_t base = static_cast<int32_t>(cr.first_row[t]);
+      for (int64_t e = chunk_begin(N, chunks, t) * d1; e < chunk_begin(N, chunks, t + 1) * d1; ++e) {
+        cr.splat_row[e] += base;
+      }
+    }
+  });
+  // The reduce's CSR over vertices, by counting sort in chunk order.
+  cr.reduce_offsets.assign(static_cast<size_t>(M) + 1, 0);
+  for (int64_t t = 0; t < chunks; ++t) {
+    for (const int32_t v : vertex_of[t]) {
+      ++cr.reduce_offsets[v + 1];
+    }
+  }
+  for (int64_t v = 0; v < M; ++v) {
+    cr.reduce_offsets[v + 1] += cr.reduce_offsets[v];
+  }
+  cr.reduce_rows.resize(static_cast<size_t>(cr.first_row[chunks]));
+  std::vector<int32_t> next(cr.reduce_offsets.begin(), cr.reduce_offsets.end() - 1);
+  for (int64_t t = 0; t < chunks; ++t) {
+    int32_t row = static_cast<int32_t>(cr.first_row[t]);
+    for (const int32_t v : vertex_of[t]) {
+      cr.reduce_rows[next[v]++] = row++;
+    }
+  }
+  return cr;
 }
 
-at::Tensor crf_update_cpu(const at::Tensor& logits, at::TensorList messages,
-                          const c10::List<std::optional<at::Tensor>>& compat) {
-  TORCH_CHECK(logits.dim() == 3, "crf_update: logits must be [B, N, L], got ", logits.sizes());
-  TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble,
-              "crf_update: logits must be float32 or float64, got ", logits.scalar_type());
-  TORCH_CHECK(logits.device().is_cpu(), "crf_update: logits must be on the CPU");
-  TORCH_CHECK(compat.size() == messages.size(), "crf_update: ", messages.size(), " messages but ", compat.size(),
-              " compatibilities");
-  const int64_t L = logits.size(2);
-  TORCH_CHECK(L >= 1, "crf_update: need at least one label");
-  const at::Tensor lg = logits.stride(2) == 1 ? logits : logits.contiguous();
-  std::vector<at::Tensor> keep;  // owns contiguous copies
-  std::vector<Message> msgs;
-  for (size_t k = 0; k < messages.size(); ++k) {
-    const at::Tensor& m = messages[k];
-    TORCH_CHECK(m.sizes() == logits.sizes(), "crf_update: message ", k, " has shape ", m.sizes(),
-                ", the logits ", logits.sizes());
-    TORCH_CHECK(m.scalar_type() == logits.scalar_type() && m.device() == logits.device(),
-                "crf_update: message ", k, " must have the logits' dtype and device");
-    at::Tensor mm = m.stride(2) == 1 ? m : m.contiguous();
-    keep.push_back(mm);
-    Message msg{mm.const_data_ptr(), mm.stride(0), mm.stride(1), nullptr};
-    const std::optional<at::Tensor> c = compat.get(k);
-    if (c.has_value() && c->defined()) {
-      TORCH_CHECK(c->dim() == 2 && c->size(0) == L && c->size(1) == L, "crf_update: compat ", k,
-                  " must be [L, L] = [", L, ", ", L, "], got ", c->sizes());
-      TORCH_CHECK(c->scalar_type() == logits.scalar_type() && c->device() == logits.device(),
-                  "crf_update: compat ", k, " must have the logits' dtype and device");
-      at::Tensor cc = c->contiguous();
-      keep.push_back(cc);
-      msg.compat = cc.const_data_ptr();
+// --- the terms --------------------------------------------------------------------------------------------
+
+// One pairwise term as seen by one image.
+template <typename T>
+struct Term {
+  int d1;
+  int64_t M;
+  const int32_t* vertex;     // [N, d1]
+  const T* weight;           // [N, d1]
+  const int32_t* neighbors;  // [d1, Mmax, 2]
+  int64_t Mmax;
+  const ChunkRows* rows;
+  const T* splat_scale;  // pre [N], or nullptr (1)
+  const T* slice_scale;  // post [N], or nullptr (1)
+  const T* compat_t;     // M_k transposed, [L, Lp], or nullptr: Potts (the message is added)
+  T slice_factor;        // the slice's alpha times the weight
+  T* lattice;    // [M, Lp]: the reduced and then blurred lattice values
+  T* blur_tmp;   // [M, Lp]
+  T* chunk_buf;  // [chunk rows, Lp]
+};
+
+// Mean-field state of the whole batch.
+template <typename T>
+struct Problem {
+  int64_t B, N, L, Lp, nb, chunks;
+  const T* logits;  // [B, N, Lp]: points as rows, -inf in the padding lanes
+  std::vector<std::vector<Term<T>>> terms;  // [B][K]
+};
+
+// --- the kernels, for one vector width --------------------------------------------------------------------
+
+// Alignment of heap-allocated vectors (every target's widest).
+constexpr size_t kVectorAlignment = 64;
+
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+
+// One chunk of points of image b: for each point the slice of every term (when `slice`), the update and
+// softmax, then the splat of Q into the chunk's rows (when `splat`) or Q written to `out` ([B, L, N], when
+// `out`).
+// kNB > 0: rows of exactly kNB vectors (the accumulators stay in registers); 0: pb.nb vectors.
+template <typename T, int kBytes, int kNB>
+FASTSEG_ALWAYS_INLINE void chunk_pass(const Problem<T>& pb, int64_t b, int64_t t, bool slice, bool splat, T* out) {
+  using V = typename Simd<T, kBytes>::V;
+  constexpr int W = Simd<T, kBytes>::kLanes;
+  const int nb = kNB > 0 ? kNB : static_cast<int>(pb.nb);
+  const int64_t L = pb.L, Lp = pb.Lp, N = pb.N;
+  const int last = static_cast<int>(L - int64_t(nb - 1) * W);  // labels in the last vector
+  constexpr int kSlots = kNB > 0 ? kNB : 1;
+  V acc_fixed[kSlots], msg_fixed[kSlots];
+  // Not a std::vector<V>: code built for the baseline target (the allocator) aligns a 32-byte vector type
+  // to 16 bytes, code built for AVX2 assumes 32.
+  std::unique_ptr<V[], FreeDeleter> dynamic(
+      kNB > 0 ? nullptr
+              : static_cast<V*>(std::aligned_alloc(
+                    kVectorAlignment, (2 * nb * sizeof(V) + kVectorAlignment - 1) / kVectorAlignment * kVectorAlignment)));
+  V* acc = kNB > 0 ? acc_fixed : dynamic.get();
+  V* msg = kNB > 0 ? msg_fixed : dynamic.get() + nb;
+  std::vector<T> scaled(static_cast<size_t>(Lp));  // a matrix term's message, for the matrix-vector product
+  V last_mask;  // 1 on the last vector's label lanes, 0 on its padding
+  for (int i = 0; i < W; ++i) {
+    last_mask[i] = i < last ? T(1) : T(0);
+  }
+  const std::vector<Term<T>>& terms = pb.terms[b];
+  if (splat) {
+    for (const Term<T>& k : terms) {
+      std::fill(k.chunk_buf + k.rows->first_row[t] * Lp, k.chunk_buf + k.rows->first_row[t + 1] * Lp, T(0));
     }
-    msgs.push_back(msg);
   }
-  at::Tensor out = at::empty({logits.size(0), logits.size(1), L}, logits.options());
-  if (out.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "ext_crf_update_cpu",
-                               [&] { update_impl<scalar_t>(lg, msgs, out); });
+  const int64_t p0 = chunk_begin(N, pb.chunks, t), p1 = chunk_begin(N, pb.chunks, t + 1);
+  for (int64_t p = p0; p < p1; ++p) {
+    const T* u = pb.logits + (b * N + p) * Lp;
+    for (int i = 0; i < nb; ++i) {
+      acc[i] = load<V>(u + i * W);
+    }
+    if (slice) {
+      for (const Term<T>& k : terms) {
+        for (int i = 0; i < nb; ++i) {
+          msg[i] = V{};
+        }
+        const int32_t* vtx = k.vertex + p * k.d1;
+        const T* w = k.weight + p * k.d1;
+        for (int j = 0; j < k.d1; ++j) {
+          const T* row = k.lattice + int64_t(vtx[j]) * Lp;
+          const T wj = w[j];
+          for (int i = 0; i < nb; ++i) {
+            msg[i] += wj * load<V>(row + i * W);
+          }
+        }
+        const T s = k.slice_scale == nullptr ? k.slice_factor : k.slice_factor * k.slice_scale[p];
+        if (k.compat_t == nullptr) {
+          for (int i = 0; i < nb; ++i) {
+            acc[i] += s * msg[i];
+          }
+        } else {
+          for (int i = 0; i < nb; ++i) {
+            store(scaled.data() + i * W, s * msg[i]);
+          }
+          for (int64_t l = 0; l < L; ++l) {  // acc -= M m = sum_l m_l M[:, l]
+            const T* column = k.compat_t + l * Lp;
+            const T ml = scaled[l];
+            for (int i = 0; i < nb; ++i) {
+              acc[i] -= ml * load<V>(column + i * W);
+            }
+          }
+        }
+      }
+    }
+    // softmax over the labels
+    V mx = acc[0];
+    for (int i = 1; i < nb; ++i) {
+      mx = mx > acc[i] ? mx : acc[i];
+    }
+    T m = mx[0];
+    for (int i = 1; i < W; ++i) {
+      m = std::max(m, mx[i]);
+    }
+    for (int i = 0; i < nb; ++i) {
+      acc[i] = exp_nonpositive<T, kBytes>(acc[i] - m);
+    }
+    acc[nb - 1] *= last_mask;
+    V sum = acc[0];
+    for (int i = 1; i < nb; ++i) {
+      sum += acc[i];
+    }
+    T total = sum[0];
+    for (int i = 1; i < W; ++i) {
+      total += sum[i];
+    }
+    const T inv = T(1) / total;
+    for (int i = 0; i < nb; ++i) {
+      acc[i] *= inv;
+    }
+    if (out != nullptr) {
+      T* o = out + b * L * N + p;
+      for (int i = 0; i < nb; ++i) {
+        for (int j = 0; j < (i < nb - 1 ? W : last); ++j) {
+          o[(i * W + j) * N] = acc[i][j];
+        }
+      }
+    }
+    if (splat) {
+      for (const Term<T>& k : terms) {
+        const int32_t* rows = k.rows->splat_row.data() + p * k.d1;
+        const T* w = k.weight + p * k.d1;
+        const T s = k.splat_scale == nullptr ? T(1) : k.splat_scale[p];
+        for (int j = 0; j < k.d1; ++j) {
+          T* row = k.chunk_buf + int64_t(rows[j]) * Lp;
+          const T wj = s * w[j];
+          for (int i = 0; i < nb; ++i) {
+            store(row + i * W, load<V>(row + i * W) + wj * acc[i]);
+          }
+        }
+      }
+    }
   }
+}
+
+// Vertices [v0, v1) of term k's lattice = the sum of each vertex's chunk rows, in chunk order.
+template <typename T, int kBytes>
+FASTSEG_ALWAYS_INLINE void reduce_rows(const Term<T>& k, int64_t nb, int64_t v0, int64_t v1) {
+  using V = typename Simd<T, kBytes>::V;
+  constexpr int W = Simd<T, kBytes>::kLanes;
+  const int64_t Lp = nb * W;
+  const ChunkRows& cr = *k.rows;
+  for (int64_t v = v0; v < v1; ++v) {
+    T* dst = k.lattice + v * Lp;
+    const int32_t r0 = cr.reduce_offsets[v], r1 = cr.reduce_offsets[v + 1];
+    for (int64_t i = 0; i < nb; ++i) {
+      V sum{};
+      for (int32_t r = r0; r < r1; ++r) {
+        sum += load<V>(k.chunk_buf + int64_t(cr.reduce_rows[r]) * Lp + i * W);
+      }
+      store(dst + i * W, sum);
+    }
+  }
+}
+
+// Vertices [v0, v1) of one blur direction: out[v] = in[v] + 0.5 (in[n1] + in[n2]) (-1: no neighbour).
+template <typename T, int kBytes>
+FASTSEG_ALWAYS_INLINE void blur_rows(const T* in, T* out, const int32_t* neighbors, int64_t nb, int64_t v0,
+                                     int64_t v1) {
+  using V = typename Simd<T, kBytes>::V;
+  constexpr int W = Simd<T, kBytes>::kLanes;
+  const int64_t Lp = nb * W;
+  for (int64_t v = v0; v < v1; ++v) {
+    const int32_t n1 = neighbors[2 * v], n2 = neighbors[2 * v + 1];
+    const T* a = in + v * Lp;
+    const T* p1 = in + int64_t(n1) * Lp;
+    const T* p2 = in + int64_t(n2) * Lp;
+    T* o = out + v * Lp;
+    for (int64_t i = 0; i < nb; ++i) {
+      V side{};
+      if (n1 >= 0) {
+        side += load<V>(p1 + i * W);
+      }
+      if (n2 >= 0) {
+        side += load<V>(p2 + i * W);
+      }
+      store(o + i * W, load<V>(a + i * W) + T(0.5) * side);
+    }
+  }
+}
+
+// The kernels of one target, as plain functions (the parallel loops call them through pointers).
+struct Baseline {
+  static constexpr int kBytes = 16;
+  template <typename T, int kNB>
+  static void chunk(const Problem<T>& pb, int64_t b, int64_t t, bool slice, bool splat, T* out) {
+    chunk_pass<T, kBytes, kNB>(pb, b, t, slice, splat, out);
+  }
+  template <typename T>
+  static void reduce(const Term<T>& k, int64_t nb, int64_t v0, int64_t v1) {
+    reduce_rows<T, kBytes>(k, nb, v0, v1);
+  }
+  template <typename T>
+  static void blur(const T* in, T* out, const int32_t* neighbors, int64_t nb, int64_t v0, int64_t v1) {
+    blur_rows<T, kBytes>(in, out, neighbors, nb, v0, v1);
+  }
+};
+
+#ifdef FASTSEG_CRF_AVX2
+struct Avx2 {
+  static constexpr int kBytes = 32;
+  template <typename T, int kNB>
+  __attribute__((target("avx2,fma"))) static void chunk(const Problem<T>& pb, int64_t b, int64_t t, bool slice,
+                                                        bool splat, T* out) {
+    chunk_pass<T, kBytes, kNB>(pb, b, t, slice, splat, out);
+  }
+  template <typename T>
+  __attribute__((target("avx2,fma"))) static void reduce(const Term<T>& k, int64_t nb, int64_t v0, int64_t v1) {
+    reduce_rows<T, kBytes>(k, nb, v0, v1);
+  }
+  template <typename T>
+  __attribute__((target("avx2,fma"))) static void blur(const T* in, T* out, const int32_t* neighbors, int64_t nb,
+                                                       int64_t v0, int64_t v1) {
+    blur_rows<T, kBytes>(in, out, neighbors, nb, v0, v1);
+  }
+};
+
+// torch's CPU capability (which ATEN_CPU_CAPABILITY=default lowers to the baseline, as for torch's own
+// kernels), checked against the CPU itself.
+bool use_avx2() {
+  const std::string capability = at::get_cpu_capability();
+  return (capability == "AVX2" || capability == "AVX512") && __builtin_cpu_supports("avx2") &&
+         __builtin_cpu_supports("fma");
+}
+#endif
+
+template <typename T>
+struct Kernels {
+  int lanes;
+  void (*chunk)(const Problem<T>&, int64_t, int64_t, bool, bool, T*);
+  void (*reduce)(const Term<T>&, int64_t, int64_t, int64_t);
+  void (*blur)(const T*, T*, const int32_t*, int64_t, int64_t, int64_t);
+};
+
+// Rows of up to kMaxFixedVectors vectors get a kernel with the accumulators in registers.
+constexpr int kMaxFixedVectors = 8;
+
+template <typename T, typename Target, int kNB = 1>
+void pick_chunk(Kernels<T>& k, int64_t nb) {
+  if constexpr (kNB > kMaxFixedVectors) {
+    k.chunk = &Target::template chunk<T, 0>;
+  } else if (nb == kNB) {
+    k.chunk = &Target::template chunk<T, kNB>;
+  } else {
+    pick_chunk<T, Target, kNB + 1>(k, nb);
+  }
+}
+
+template <typename T, typename Target>
+Kernels<T> kernels_of(int64_t L) {
+  Kernels<T> k;
+  k.lanes = Target::kBytes / static_cast<int>(sizeof(T));
+  pick_chunk<T, Target>(k, (L + k.lanes - 1) / k.lanes);
+  k.reduce = &Target::template reduce<T>;
+  k.blur = &Target::template blur<T>;
+  return k;
+}
+
+template <typename T>
+Kernels<T> kernels_for(int64_t L) {
+#ifdef FASTSEG_CRF_AVX2
+  if (use_avx2()) {
+    return kernels_of<T, Avx2>(L);
+  }
+#endif
+  return kernels_of<T, Baseline>(L);
+}
+
+// --- the iterations -----------------------------------------------------------------------------------------
+
+template <typename T>
+void run(const Kernels<T>& kern, Problem<T>& pb, int64_t iterations, T* q) {
+  for (int64_t it = 0; it <= iterations; ++it) {
+    const bool last = it == iterations;
+    at::parallel_for(0, pb.B * pb.chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        kern.chunk(pb, task / pb.chunks, task % pb.chunks, it > 0, !last, last ? q : nullptr);
+      }
+    });
+    if (last) {
+      break;
+    }
+    for (std::vector<Term<T>>& image : pb.terms) {
+      for (Term<T>& k : image) {
+        at::parallel_for(0, k.M, grain_for(2 * pb.Lp),
+                         [&](int64_t begin, int64_t end) { kern.reduce(k, pb.nb, begin, end); });
+        for (int dir = 0; dir < k.d1; ++dir) {
+          const int32_t* neighbors = k.neighbors + int64_t(dir) * k.Mmax * 2;
+          at::parallel_for(0, k.M, grain_for(3 * pb.Lp), [&](int64_t begin, int64_t end) {
+            kern.blur(k.lattice, k.blur_tmp, neighbors, pb.nb, begin, end);
+          });
+          std::swap(k.lattice, k.blur_tmp);
+        }
+      }
+    }
+  }
+}
+
+// --- the normalisation ------------------------------------------------------------------------------------
+
+enum class Normalization { kSymmetric, kBefore, kAfter, kNone };
+
+Normalization parse_normalization(const std::string& name, size_t k) {
+  if (name == "symmetric") {
+    return Normalization::kSymmetric;
+  }
+  if (name == "before") {
+    return Normalization::kBefore;
+  }
+  if (name == "after") {
+    return Normalization::kAfter;
+  }
+  TORCH_CHECK(name == "none", "crf_mean_field: normalization[", k,
+              "] must be \"symmetric\", \"before\", \"after\" or \"none\", got \"", name, "\"");
+  return Normalization::kNone;
+}
+
+// One image of one term's lattice, shared by every image of the batch that uses it: the chunk rows and the
+// normalisation's per-point scales (empty: 1).
+template <typename T>
+struct LatticeImage {
+  ChunkRows rows;
+  std::vector<T> pre, post;
+};
+
+// filter(1) at every point of one lattice image (scalar splat, blur and slice, through the chunk rows: the
+// same order of sums for any thread count), then the normalisation's scales.
+template <typename T>
+void normalize(LatticeImage<T>& li, Normalization mode, const int32_t* vertex, const T* weight,
+               const int32_t* neighbors, int64_t Mmax, int64_t N, int d1, int64_t M, int64_t chunks) {
+  if (mode == Normalization::kNone) {
+    return;
+  }
+  const ChunkRows& cr = li.rows;
+  std::vector<T> chunk_sums(static_cast<size_t>(cr.first_row[chunks]), T(0));
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t e = chunk_begin(N, chunks, t) * d1; e < chunk_begin(N, chunks, t + 1) * d1; ++e) {
+        chunk_sums[cr.splat_row[e]] += weight[e];
+      }
+    }
+  });
+  std::vector<T> mass(static_cast<size_t>(M)), tmp(static_cast<size_t>(M));
+  at::parallel_for(0, M, grain_for(4), [&](int64_t begin, int64_t end) {
+    for (int64_t v = begin; v < end; ++v) {
+      T sum = T(0);
+      for (int32_t r = cr.reduce_offsets[v]; r < cr.reduce_offsets[v + 1]; ++r) {
+        sum += chunk_sums[cr.reduce_rows[r]];
+      }
+      mass[v] = sum;
+    }
+  });
+  for (int dir = 0; dir < d1; ++dir) {
+    const int32_t* n = neighbors + int64_t(dir) * Mmax * 2;
+    at::parallel_for(0, M, grain_for(3), [&](int64_t begin, int64_t end) {
+      for (int64_t v = begin; v < end; ++v) {
+        const T side = (n[2 * v] >= 0 ? mass[n[2 * v]] : T(0)) + (n[2 * v + 1] >= 0 ? mass[n[2 * v + 1]] : T(0));
+        tmp[v] = mass[v] + T(0.5) * side;
+      }
+    });
+    mass.swap(tmp);
+  }
+  const T alpha = lattice::slice_alpha<T>(d1 - 1);
+  std::vector<T> scale(static_cast<size_t>(N));
+  at::parallel_for(0, N, grain_for(2 * d1), [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      T sum = T(0);
+      for (int j = 0; j < d1; ++j) {
+        sum += weight[p * d1 + j] * mass[vertex[p * d1 + j]];
+      }
+      const T norm = alpha * sum + T(1e-20);
+      scale[p] = mode == Normalization::kSymmetric ? T(1) / std::sqrt(norm) : T(1) / norm;
+    }
+  });
+  if (mode != Normalization::kAfter) {
+    li.pre = scale;
+  }
+  if (mode != Normalization::kBefore) {
+    li.post = std::move(scale);
+  }
+}
+
+// --- the op -----------------------------------------------------------------------------------------------
+
+template <typename T>
+const T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+at::Tensor crf_mean_field_cpu(const at::Tensor& logits, at::TensorList splat_vertex, at::TensorList splat_weight,
+                              at::TensorList blur_neighbors, at::TensorList num_vertices,
+                              const std::vector<std::string>& normalization, at::ArrayRef<double> weight,
+                              const c10::List<std::optional<at::Tensor>>& compat, int64_t iterations) {
+  TORCH_CHECK(logits.dim() == 3, "crf_mean_field: logits must be [B, L, N], got ", logits.sizes());
+  TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble,
+              "crf_mean_field: logits must be float32 or float64, got ", logits.scalar_type());
+  TORCH_CHECK(logits.device().is_cpu(), "crf_mean_field: logits must be on the CPU");
+  TORCH_CHECK(iterations >= 0, "crf_mean_field: iterations must be >= 0, got ", iterations);
+  const size_t K = splat_vertex.size();
+  TORCH_CHECK(splat_weight.size() == K && blur_neighbors.size() == K && num_vertices.size() == K &&
+                  normalization.size() == K && weight.size() == K && compat.size() == K,
+              "crf_mean_field: every per-term list must have one entry per term (", K, ")");
+  const int64_t B = logits.size(0), L = logits.size(1), N = logits.size(2);
+  TORCH_CHECK(L >= 1, "crf_mean_field: need at least one label");
+  at::Tensor out = at::empty({B, L, N}, logits.options());
+  if (out.numel() == 0) {
+    return out;
+  }
+  std::vector<at::Tensor> keep;  // owns contiguous copies
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "ext_crf_mean_field_cpu", [&] {
+    using T = scalar_t;
+    const Kernels<T> kern = kernels_for<T>(L);
+    Problem<T> pb;
+    pb.B = B;
+    pb.N = N;
+    pb.L = L;
+    pb.nb = (L + kern.lanes - 1) / kern.lanes;
+    pb.Lp = pb.nb * kern.lanes;
+    pb.chunks = num_chunks(N);
+    pb.terms.resize(B);
+    std::vector<std::vector<LatticeImage<T>>> lattice_images(K);
+    const bool more = iterations > 0;
+    for (size_t k = 0; k < K; ++k) {
+      const char* op = "crf_mean_field";
+      const lattice::TableShape s = lattice::check_point_tables(op, splat_vertex[k], splat_weight[k],
+                                                                blur_neighbors[k], num_vertices[k], logits.scalar_type());
+      TORCH_CHECK(s.N == N && (s.B == B || s.B == 1), "crf_mean_field: term ", k, "'s lattice holds ", s.B,
+                  " images of ", s.N, " points; the logits ", B, " of ", N, " (a lattice of one image serves the "
+                  "whole batch)");
+      TORCH_CHECK(splat_vertex[k].device().is_cpu(), "crf_mean_field: term ", k, "'s tables must be on the CPU");
+      const at::Tensor sv = splat_vertex[k].contiguous(), sw = splat_weight[k].contiguous(),
+                       bn = blur_neighbors[k].contiguous(), nv = num_vertices[k].cpu().contiguous();
+      lattice::check_vertex_ids(op, s, sv, bn, nv);
+      const Normalization mode = parse_normalization(normalization[k], k);
+      at::Tensor compat_t;
+      const std::optional<at::Tensor> c = compat.get(k);
+      if (c.has_value() && c->defined()) {
+        TORCH_CHECK(c->dim() == 2 && c->size(0) == L && c->size(1) == L, "crf_mean_field: compat[", k,
+                    "] must be [L, L] = [", L, ", ", L, "], got ", c->sizes());
+        TORCH_CHECK(c->scalar_type() == logits.scalar_type() && c->device().is_cpu(), "crf_mean_field: compat[", k,
+                    "] must be a CPU tensor of the logits' dtype");
+        compat_t = at::zeros({L, pb.Lp}, logits.options());  // padded columns of M, as rows
+        compat_t.narrow(1, 0, L).copy_(c->t());
+      }
+      keep.insert(keep.end(), {sv, sw, bn, nv, compat_t});
+      const int d1 = static_cast<int>(s.d + 1);
+      const int64_t* M = nv.const_data_ptr<int64_t>();
+      lattice_images[k].resize(more ? s.B : 0);
+      for (int64_t lb = 0; lb < s.B && more; ++lb) {
+        LatticeImage<T>& li = lattice_images[k][lb];
+        const int32_t* vertex = sv.const_data_ptr<int32_t>() + lb * N * d1;
+        li.rows = make_chunk_rows(vertex, N, d1, M[lb], pb.chunks);
+        normalize(li, mode, vertex, sw.const_data_ptr<T>() + lb * N * d1,
+                  bn.const_data_ptr<int32_t>() + lb * d1 * s.Mmax * 2, s.Mmax, N, d1, M[lb], pb.chunks);
+      }
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t lb = s.B == 1 ? 0 : b;
+        Term<T> term{};
+        term.d1 = d1;
+        term.M = M[lb];
+        term.vertex = sv.const_data_ptr<int32_t>() + lb * N * d1;
+        term.weight = sw.const_data_ptr<T>() + lb * N * d1;
+        term.neighbors = bn.const_data_ptr<int32_t>() + lb * d1 * s.Mmax * 2;
+        term.Mmax = s.Mmax;
+        if (more) {
+          const LatticeImage<T>& li = lattice_images[k][lb];
+          term.rows = &li.rows;
+          term.splat_scale = li.pre.empty() ? nullptr : li.pre.data();
+          term.slice_scale = li.post.empty() ? nullptr : li.post.data();
+        }
+        term.compat_t = data_or_null<T>(compat_t);
+        term.slice_factor = lattice::slice_alpha<T>(static_cast<int>(s.d)) * static_cast<T>(weight[k]);
+        pb.terms[b].push_back(term);
+      }
+    }
+    // The lattice buffers: per image and term, the lattice, the blur's second buffer and the chunk rows.
+    if (more) {
+      int64_t rows = 0;
+      for (int64_t b = 0; b < B; ++b) {
+        for (const Term<T>& k : pb.terms[b]) {
+          rows += 2 * k.M + k.rows->first_row[pb.chunks];
+        }
+      }
+      at::Tensor buffers = at::empty({rows * pb.Lp}, logits.options());
+      keep.push_back(buffers);
+      T* next = buffers.mutable_data_ptr<T>();
+      for (int64_t b = 0; b < B; ++b) {
+        for (Term<T>& k : pb.terms[b]) {
+          k.lattice = next;
+          k.blur_tmp = k.lattice + k.M * pb.Lp;
+          k.chunk_buf = k.blur_tmp + k.M * pb.Lp;
+          next = k.chunk_buf + k.rows->first_row[pb.chunks] * pb.Lp;
+        }
+      }
+    }
+    // The logits as padded point rows, -inf in the padding lanes, a tile of points at a time (each label's
+    // values are read sequentially).
+    at::Tensor rows = at::empty({B, N, pb.Lp}, logits.options());
+    keep.push_back(rows);
+    {
+      constexpr int64_t kTile = 64;
+      const T* src = logits.const_data_ptr<T>();
+      const int64_t sb = logits.stride(0), sl = logits.stride(1), sn = logits.stride(2);
+      T* dst = rows.mutable_data_ptr<T>();
+      const int64_t tiles = (N + kTile - 1) / kTile;
+      at::parallel_for(0, B * tiles, grain_for(kTile * pb.Lp), [&](int64_t begin, int64_t end) {
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t b = task / tiles, p0 = (task % tiles) * kTile, p1 = std::min(N, p0 + kTile);
+          T* tile = dst + (b * N + p0) * pb.Lp;
+          for (int64_t l = 0; l < L; ++l) {
+            const T* x = src + b * sb + l * sl;
+            for (int64_t p = p0; p < p1; ++p) {
+              tile[(p - p0) * pb.Lp + l] = x[p * sn];
+            }
+          }
+          for (int64_t p = p0; p < p1; ++p) {
+            std::fill(tile + (p - p0) * pb.Lp + L, tile + (p - p0 + 1) * pb.Lp, -std::numeric_limits<T>::infinity());
+          }
+        }
+      });
+      pb.logits = dst;
+    }
+    run(kern, pb, iterations, out.mutable_data_ptr<T>());
+  });
   return out;
 }
 
@@ -230,5 +754,5 @@ at::Tensor crf_update_cpu(const at::Tensor& logits, at::TensorList messages,
 }  // namespace fastseg
 
 TORCH_LIBRARY_IMPL(fastseg, CPU, m) {
-  m.impl("ext_crf_update", &fastseg::crf::crf_update_cpu);
+  m.impl("ext_crf_mean_field", &fastseg::crf::crf_mean_field_cpu);
 }

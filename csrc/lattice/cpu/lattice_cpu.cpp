@@ -1,12 +1,13 @@
 // CPU kernels of fastseg::ext_lattice_build and fastseg::ext_lattice_filter (table format: csrc/fastseg.cpp).
 //
 // Build, per image: (1) in parallel over points, elevation, enclosing simplex and barycentric weights (the
-// shared math in lattice/lattice_math.h); (2) sequentially, the d + 1 vertex keys of every point go through an
-// open-addressing hash table (linear probing, flat int32 key storage, no allocation per point), which numbers
-// the vertices in order of first appearance (a point in the same simplex as the previous point reuses its
-// ids without hashing); (3) in parallel over vertices, the 2 (d + 1) blur neighbours are
-// looked up in the now read-only table; (4) the splat CSR (entries of each vertex in point order) by counting
-// sort. Images are built in parallel when there are several.
+// shared math in lattice/lattice_math.h, unrolled for the common feature dimensions); (2) the d + 1 vertex
+// keys of every point go through an open-addressing hash table (linear probing, flat int32 key storage, no
+// allocation per point), which numbers the vertices in order of first appearance (a point in the same simplex
+// as the previous point reuses its ids without hashing; contiguous chunks of points hash in parallel into
+// their own tables, merged in chunk order); (3) in parallel over vertices, the 2 (d + 1) blur neighbours are
+// looked up in the now read-only table; (4) the splat CSR (entries of each vertex in point order) by a
+// counting sort over chunks of points in parallel. Images are built in parallel when there are several.
 //
 // Filter, per image: splat as a scatter of each point's row into its d + 1 vertices (points in order, one
 // private [M, C] buffer per contiguous chunk of points, the chunks fixed by N and summed in chunk order: the
@@ -36,6 +37,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "lattice/cpu/lattice_cpu.h"
 #include "lattice/lattice_args.h"
 #include "lattice/lattice_math.h"
 
@@ -43,14 +45,15 @@ namespace fastseg {
 namespace lattice {
 namespace {
 
-// Work per parallel_for chunk, in multiply-adds (about at::internal::GRAIN_SIZE).
-constexpr int64_t kWorkPerChunk = 32768;
-
-int64_t grain_for(int64_t work_per_item) {
-  return std::max<int64_t>(1, kWorkPerChunk / std::max<int64_t>(1, work_per_item));
+// The vertex count a key table is first sized for. Lattices hold far fewer vertices than points (a CRF's
+// kernels about N / 8 to N / 12), and a table sized for N would be sparse: every probe a cache miss.
+// Tables grow by doubling, which costs little next to the inserts.
+int64_t initial_vertices(int64_t N) {
+  return std::min<int64_t>(N, 1 << 13);
 }
 
-// Open-addressing hash set of d-coordinate int32 keys -> dense ids 0..size-1 (ids in insertion order).
+// Open-addressing hash set of d-coordinate int32 keys -> dense ids 0..size-1 (ids in insertion order). A slot
+// holds the id and the key's hash, so a probe reads the key itself only when the hashes match.
 class KeyTable {
  public:
   KeyTable(int d, int64_t expected) : d_(d) {
@@ -58,32 +61,30 @@ class KeyTable {
     while (cap < 2 * expected) {
       cap *= 2;
     }
-    slots_.assign(cap, -1);
+    slots_.assign(cap, Slot{-1, 0});
     mask_ = static_cast<uint64_t>(cap - 1);
     keys_.reserve(static_cast<size_t>(expected) * d);
-    hashes_.reserve(expected);
   }
 
   int32_t insert(const int32_t* key) {
     const uint32_t h = hash_key(key, d_);
     uint64_t s = h & mask_;
     while (true) {
-      const int32_t id = slots_[s];
-      if (id < 0) {
+      const Slot slot = slots_[s];
+      if (slot.id < 0) {
         break;
       }
-      if (hashes_[id] == h && keys_equal(&keys_[static_cast<size_t>(id) * d_], key, d_)) {
-        return id;
+      if (slot.hash == h && keys_equal(&keys_[static_cast<size_t>(slot.id) * d_], key, d_)) {
+        return slot.id;
       }
       s = (s + 1) & mask_;
     }
-    TORCH_CHECK(hashes_.size() < static_cast<size_t>(std::numeric_limits<int32_t>::max()),
+    TORCH_CHECK(size_ < std::numeric_limits<int32_t>::max(),
                 "lattice_build: more than 2^31 - 1 lattice vertices in one image");
-    const int32_t id = static_cast<int32_t>(hashes_.size());
-    slots_[s] = id;
-    hashes_.push_back(h);
+    const int32_t id = static_cast<int32_t>(size_++);
+    slots_[s] = Slot{id, h};
     keys_.insert(keys_.end(), key, key + d_);
-    if (2 * hashes_.size() > slots_.size()) {
+    if (2 * size_ > static_cast<int64_t>(slots_.size())) {
       grow();
     }
     return id;
@@ -94,38 +95,46 @@ class KeyTable {
     const uint32_t h = hash_key(key, d_);
     uint64_t s = h & mask_;
     while (true) {
-      const int32_t id = slots_[s];
-      if (id < 0) {
+      const Slot slot = slots_[s];
+      if (slot.id < 0) {
         return -1;
       }
-      if (hashes_[id] == h && keys_equal(&keys_[static_cast<size_t>(id) * d_], key, d_)) {
-        return id;
+      if (slot.hash == h && keys_equal(&keys_[static_cast<size_t>(slot.id) * d_], key, d_)) {
+        return slot.id;
       }
       s = (s + 1) & mask_;
     }
   }
 
-  int64_t size() const { return static_cast<int64_t>(hashes_.size()); }
+  int64_t size() const { return size_; }
   const int32_t* key(int64_t id) const { return &keys_[static_cast<size_t>(id) * d_]; }
 
  private:
+  struct Slot {
+    int32_t id;  // -1: empty
+    uint32_t hash;
+  };
+
   void grow() {
-    const uint64_t cap = 2 * slots_.size();
-    slots_.assign(cap, -1);
-    mask_ = cap - 1;
-    for (size_t id = 0; id < hashes_.size(); ++id) {
-      uint64_t s = hashes_[id] & mask_;
-      while (slots_[s] >= 0) {
+    std::vector<Slot> old(2 * slots_.size(), Slot{-1, 0});
+    old.swap(slots_);
+    mask_ = slots_.size() - 1;
+    for (const Slot& slot : old) {
+      if (slot.id < 0) {
+        continue;
+      }
+      uint64_t s = slot.hash & mask_;
+      while (slots_[s].id >= 0) {
         s = (s + 1) & mask_;
       }
-      slots_[s] = static_cast<int32_t>(id);
+      slots_[s] = slot;
     }
   }
 
   int d_;
   uint64_t mask_;
-  std::vector<int32_t> slots_;
-  std::vector<uint32_t> hashes_;
+  int64_t size_ = 0;
+  std::vector<Slot> slots_;
   std::vector<int32_t> keys_;
 };
 
@@ -149,6 +158,46 @@ void hash_points(const int32_t* simplex, int64_t p0, int64_t p1, int d, KeyTable
   }
 }
 
+// Phase 1 of one image, points [begin, end): the simplex (rem0 and rank) and barycentric weights of every
+// point; returns the first point whose coordinates fail (too large or not finite), or `end`. kD > 0: d is
+// that constant (the per-point loops unroll); 0: d is `d_runtime`.
+template <typename F, int kD>
+int64_t simplex_points(const F* f, int64_t fs_d, int64_t fs_n, int d_runtime, const double* scale, int64_t begin,
+                       int64_t end, int32_t* simplex, F* weight_out) {
+  const int d = kD > 0 ? kD : d_runtime, d1 = d + 1;
+  double elevated[kMaxDim + 1];
+  double bary[kMaxDim + 2];
+  int64_t bad = end;
+  for (int64_t p = begin; p < end; ++p) {
+    elevate<double, F>(f + p * fs_n, fs_d, d, scale, elevated);
+    int32_t* rem0 = simplex + p * 2 * d1;
+    int32_t* rank = rem0 + d1;
+    if (!simplex_of<double>(elevated, d, rem0, rank)) {
+      bad = std::min(bad, p);
+      for (int k = 0; k <= d; ++k) {  // keep the hashing pass well-defined; the build fails anyway
+        rem0[k] = 0;
+        rank[k] = k;
+      }
+      continue;
+    }
+    barycentric<double>(elevated, rem0, rank, d, bary);
+    for (int k = 0; k <= d; ++k) {
+      weight_out[p * d1 + k] = static_cast<F>(bary[k]);
+    }
+  }
+  return bad;
+}
+
+// The feature dimensions with their own unrolled phase 1 (2-D and 3-D positions, with up to 3 channels).
+template <typename F, int kD = 1>
+auto simplex_points_for(int d) {
+  if constexpr (kD > 6) {
+    return &simplex_points<F, 0>;
+  } else {
+    return d == kD ? &simplex_points<F, kD> : simplex_points_for<F, kD + 1>(d);
+  }
+}
+
 // Phase 1 and 2 of one image: weights and vertex ids of every point; returns the first bad point or N.
 template <typename F>
 int64_t build_points(const at::Tensor& features, int64_t b, int d, KeyTable& table, F* weight_out,
@@ -163,28 +212,12 @@ int64_t build_points(const at::Tensor& features, int64_t b, int d, KeyTable& tab
   }
   // rem0 and rank of every point, for the sequential hashing pass.
   std::unique_ptr<int32_t[]> simplex(new int32_t[static_cast<size_t>(N) * 2 * d1]);  // no zero-fill
+  const auto phase1 = simplex_points_for<F>(d);
   std::atomic<int64_t> bad{N};
   at::parallel_for(0, N, grain_for(d1 * d1), [&](int64_t begin, int64_t end) {
-    double elevated[kMaxDim + 1];
-    double bary[kMaxDim + 2];
-    for (int64_t p = begin; p < end; ++p) {
-      elevate<double, F>(f + p * fs_n, fs_d, d, scale, elevated);
-      int32_t* rem0 = &simplex[static_cast<size_t>(p) * 2 * d1];
-      int32_t* rank = rem0 + d1;
-      if (!simplex_of<double>(elevated, d, rem0, rank)) {
-        int64_t cur = bad.load();
-        while (p < cur && !bad.compare_exchange_weak(cur, p)) {
-        }
-        for (int k = 0; k <= d; ++k) {  // keep the hashing pass well-defined; the build fails anyway
-          rem0[k] = 0;
-          rank[k] = k;
-        }
-        continue;
-      }
-      barycentric<double>(elevated, rem0, rank, d, bary);
-      for (int k = 0; k <= d; ++k) {
-        weight_out[p * d1 + k] = static_cast<F>(bary[k]);
-      }
+    const int64_t first_bad = phase1(f, fs_d, fs_n, d, scale, begin, end, simplex.get(), weight_out);
+    int64_t cur = bad.load();
+    while (first_bad < end && first_bad < cur && !bad.compare_exchange_weak(cur, first_bad)) {
     }
   });
   if (bad.load() < N) {
@@ -201,7 +234,7 @@ int64_t build_points(const at::Tensor& features, int64_t b, int d, KeyTable& tab
   std::vector<KeyTable> local;
   local.reserve(T);
   for (int64_t t = 0; t < T; ++t) {
-    local.emplace_back(d, N / T);
+    local.emplace_back(d, initial_vertices(N / T));
   }
   auto chunk_begin = [&](int64_t t) { return N * t / T; };
   at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
@@ -277,23 +310,43 @@ void build_tables(const KeyTable& table, int64_t N, int d, int64_t Mmax, const i
   for (int dir = 0; dir <= d; ++dir) {  // padding vertices have no neighbours
     std::fill(neighbors + (dir * Mmax + M) * 2, neighbors + (dir * Mmax + Mmax) * 2, -1);
   }
-  // Counting sort of the entries (point, weight) by vertex; within a vertex, in point order.
-  const int64_t E = N * d1;
-  std::fill(offsets, offsets + Mmax + 1, 0);
-  for (int64_t e = 0; e < E; ++e) {
-    ++offsets[vertex[e] + 1];
-  }
-  for (int64_t v = 0; v < Mmax; ++v) {
-    offsets[v + 1] += offsets[v];
-  }
-  std::vector<int32_t> next(offsets, offsets + M);
-  for (int64_t p = 0; p < N; ++p) {
-    for (int k = 0; k < d1; ++k) {
-      const int32_t i = next[vertex[p * d1 + k]]++;
-      points[i] = static_cast<int32_t>(p);
-      points_weight[i] = weight[p * d1 + k];
+  // Counting sort of the entries (point, weight) by vertex; within a vertex, in point order. T contiguous
+  // chunks of points count their entries per vertex, then fill their own slots in parallel (chunk t's
+  // entries of a vertex follow those of the chunks before it): the same tables for any T.
+  const int64_t T = at::in_parallel_region() ? 1 : std::clamp<int64_t>(N / 16384, 1, at::get_num_threads());
+  auto chunk_begin = [&](int64_t t) { return N * t / T; };
+  std::vector<int32_t> cursor(static_cast<size_t>(T * M), 0);  // chunk t, vertex v: its count, then next slot
+  at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      int32_t* count = cursor.data() + t * M;
+      for (int64_t e = chunk_begin(t) * d1; e < chunk_begin(t + 1) * d1; ++e) {
+        ++count[vertex[e]];
+      }
     }
+  });
+  offsets[0] = 0;
+  for (int64_t v = 0; v < M; ++v) {
+    int32_t next = offsets[v];
+    for (int64_t t = 0; t < T; ++t) {
+      const int32_t count = cursor[t * M + v];
+      cursor[t * M + v] = next;
+      next += count;
+    }
+    offsets[v + 1] = next;
   }
+  std::fill(offsets + M + 1, offsets + Mmax + 1, offsets[M]);  // padding vertices: empty rows
+  at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      int32_t* next = cursor.data() + t * M;
+      for (int64_t p = chunk_begin(t); p < chunk_begin(t + 1); ++p) {
+        for (int k = 0; k < d1; ++k) {
+          const int32_t i = next[vertex[p * d1 + k]]++;
+          points[i] = static_cast<int32_t>(p);
+          points_weight[i] = weight[p * d1 + k];
+        }
+      }
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lattice_build_cpu(
@@ -313,7 +366,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   std::vector<KeyTable> tables;
   tables.reserve(B);
   for (int64_t b = 0; b < B; ++b) {
-    tables.emplace_back(d, B == 1 ? N : std::min<int64_t>(N, 1 << 16));
+    tables.emplace_back(d, initial_vertices(N));
   }
   std::vector<int64_t> bad(B, N);
   AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "ext_lattice_build_cpu", [&] {
@@ -371,42 +424,59 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // Every id in the tables must be in range, or the filter would read out of bounds.
 void check_table_ids(const FilterShape& s, const at::Tensor& splat_vertex, const at::Tensor& blur_neighbors,
                      const at::Tensor& num_vertices, const at::Tensor& splat_offsets, const at::Tensor& splat_points) {
-  const int64_t d1 = s.d + 1, E = s.N * d1;
-  const int64_t* nv = num_vertices.const_data_ptr<int64_t>();
+  check_vertex_ids("lattice_filter", TableShape{s.B, s.N, s.d, s.Mmax}, splat_vertex, blur_neighbors, num_vertices);
+  const int64_t E = s.N * (s.d + 1);
   for (int64_t b = 0; b < s.B; ++b) {
-    TORCH_CHECK(nv[b] >= 0 && nv[b] <= s.Mmax, "lattice_filter: num_vertices[", b, "] = ", nv[b],
-                " is outside 0..", s.Mmax);
-    const int32_t M = static_cast<int32_t>(nv[b]);
+    const int64_t M = num_vertices.const_data_ptr<int64_t>()[b];
     const int32_t N = static_cast<int32_t>(s.N);
-    const int32_t* vtx = splat_vertex.const_data_ptr<int32_t>() + b * E;
-    const int32_t* nbr = blur_neighbors.const_data_ptr<int32_t>() + b * d1 * s.Mmax * 2;
     const int32_t* off = splat_offsets.const_data_ptr<int32_t>() + b * (s.Mmax + 1);
     const int32_t* pts = splat_points.const_data_ptr<int32_t>() + b * E;
     std::atomic<bool> ok{true};
     at::parallel_for(0, E, kWorkPerChunk, [&](int64_t begin, int64_t end) {
       bool good = true;
       for (int64_t e = begin; e < end; ++e) {
-        good &= (vtx[e] >= 0) & (vtx[e] < M) & (pts[e] >= 0) & (pts[e] < N);
+        good &= (pts[e] >= 0) & (pts[e] < N);
       }
       if (!good) {
         ok = false;
       }
     });
-    TORCH_CHECK(ok.load(), "lattice_filter: image ", b, ": splat_vertex or splat_points holds an id out of range");
-    bool good = true;
-    for (int64_t dir = 0; dir < d1; ++dir) {
-      const int32_t* n = nbr + dir * s.Mmax * 2;
-      for (int64_t i = 0; i < 2 * int64_t(M); ++i) {
-        good &= (n[i] >= -1) & (n[i] < M);
-      }
-    }
-    TORCH_CHECK(good, "lattice_filter: image ", b, ": blur_neighbors holds an id out of range");
-    good = off[0] == 0 && off[M] == E;
+    TORCH_CHECK(ok.load(), "lattice_filter: image ", b, ": splat_points holds an id out of range");
+    bool good = off[0] == 0 && off[M] == E;
     for (int64_t v = 0; v < M && good; ++v) {
       good = off[v] <= off[v + 1];
     }
     TORCH_CHECK(good, "lattice_filter: image ", b, ": splat_offsets is not a CSR row index over ", E, " entries");
   }
+}
+
+// One blur direction over the M vertices of channel-innermost [M, C] buffers: out[v] = in[v] + 0.5 (in[n1] +
+// in[n2]) with `neighbors` that direction's [M, 2] ids (-1: absent, contributes 0). Parallel over vertices.
+template <typename A>
+void blur_direction(const A* __restrict in, A* __restrict out, const int32_t* neighbors, int64_t M, int64_t C) {
+  at::parallel_for(0, M, grain_for(3 * C), [&](int64_t begin, int64_t end) {
+    for (int64_t v = begin; v < end; ++v) {
+      const int32_t n1 = neighbors[2 * v], n2 = neighbors[2 * v + 1];
+      const A* __restrict a = in + v * C;
+      A* __restrict o = out + v * C;
+      if (n1 >= 0 && n2 >= 0) {
+        const A* __restrict p1 = in + int64_t(n1) * C;
+        const A* __restrict p2 = in + int64_t(n2) * C;
+        for (int64_t c = 0; c < C; ++c) {
+          o[c] = a[c] + A(0.5) * (p1[c] + p2[c]);
+        }
+      } else if (n1 >= 0 || n2 >= 0) {
+        const A* __restrict p1 = in + int64_t(n1 >= 0 ? n1 : n2) * C;
+        for (int64_t c = 0; c < C; ++c) {
+          o[c] = a[c] + A(0.5) * p1[c];
+        }
+      } else {
+        for (int64_t c = 0; c < C; ++c) {
+          o[c] = a[c];
+        }
+      }
+    }
+  });
 }
 
 // dst[j] = scale * sum_i w[i] * x[idx[i] * stride + j] for j < CB: CB accumulators stay in registers.
@@ -484,9 +554,7 @@ void gather_rows(const scalar_t* x, int64_t sc, int64_t sn, int64_t C, int64_t N
 template <typename scalar_t>
 void filter_impl(const FilterShape& s, const at::Tensor& values, const at::Tensor& splat_vertex,
                  const at::Tensor& splat_weight, const at::Tensor& blur_neighbors, const at::Tensor& num_vertices,
-                 const at::Tensor& splat_offsets, const at::Tensor& splat_points,
-                 const at::Tensor& splat_points_weight, bool reverse, const at::Tensor& out,
-                 const scalar_t* splat_scale = nullptr, const scalar_t* slice_scale = nullptr) {
+                 bool reverse, const at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = s.B, C = s.C, N = s.N, Mmax = s.Mmax;
   const int d = static_cast<int>(s.d), d1 = d + 1;
@@ -519,24 +587,14 @@ void filter_impl(const FilterShape& s, const at::Tensor& values, const at::Tenso
     const int32_t* vertex = splat_vertex.const_data_ptr<int32_t>() + b * N * d1;
     const scalar_t* weight = splat_weight.const_data_ptr<scalar_t>() + b * N * d1;
     const int32_t* nbr = blur_neighbors.const_data_ptr<int32_t>() + b * d1 * Mmax * 2;
-    const int32_t* offsets = splat_offsets.const_data_ptr<int32_t>() + b * (Mmax + 1);
-    const int32_t* points = splat_points.const_data_ptr<int32_t>() + b * N * d1;
-    const scalar_t* points_weight = splat_points_weight.const_data_ptr<scalar_t>() + b * N * d1;
     acc_t* src = buf0.data();
     acc_t* dst = buf1.data();
-
-    const scalar_t* pre = splat_scale == nullptr ? nullptr : splat_scale + b * N;
-    const scalar_t* post = slice_scale == nullptr ? nullptr : slice_scale + b * N;
 
     // Splat: a scatter of each point's row into its d + 1 vertices, reading the values in point order (the
     // CSR gather reads them in vertex order: a cache miss per entry when a vertex's points lie far apart, as
     // with a bilateral kernel's colour features). T contiguous chunks of points scatter into T private
-    // buffers, summed in chunk order: deterministic for a given thread count, no atomics.
-    (void)offsets;
-    (void)points;
-    (void)points_weight;
-    // The chunk count depends on N alone (not on the thread count), so the sums are the same bits whatever
-    // the number of threads.
+    // buffers, summed in chunk order, no atomics. The chunk count depends on N alone (not on the thread
+    // count), so the sums are the same bits whatever the number of threads.
     const int64_t T = std::clamp<int64_t>(N / kSplatChunkPoints, 1, kMaxSplatChunks);
     if (static_cast<int64_t>(priv.size()) < (T - 1) * M * C) {
       priv.resize(static_cast<size_t>((T - 1) * M * C));
@@ -545,10 +603,9 @@ void filter_impl(const FilterShape& s, const at::Tensor& values, const at::Tenso
       std::fill(acc, acc + M * C, acc_t(0));
       for (int64_t p = p0; p < p1; ++p) {
         const scalar_t* __restrict xp = x + p * C;
-        const acc_t s = pre == nullptr ? acc_t(1) : static_cast<acc_t>(pre[p]);
         for (int k = 0; k < d1; ++k) {
           acc_t* __restrict o = acc + static_cast<int64_t>(vertex[p * d1 + k]) * C;
-          const acc_t w = s * static_cast<acc_t>(weight[p * d1 + k]);
+          const acc_t w = static_cast<acc_t>(weight[p * d1 + k]);
           for (int64_t c = 0; c < C; ++c) {
             o[c] += w * static_cast<acc_t>(xp[c]);
           }
@@ -577,32 +634,7 @@ void filter_impl(const FilterShape& s, const at::Tensor& values, const at::Tenso
     // Blur: v += 0.5 (v[n1] + v[n2]) along each direction in turn (reverse order for the adjoint).
     for (int step = 0; step <= d; ++step) {
       const int dir = reverse ? d - step : step;
-      const int32_t* n = nbr + static_cast<int64_t>(dir) * Mmax * 2;
-      const acc_t* __restrict in = src;
-      acc_t* __restrict o_all = dst;
-      at::parallel_for(0, M, grain_for(3 * C), [&](int64_t begin, int64_t end) {
-        for (int64_t v = begin; v < end; ++v) {
-          const int32_t n1 = n[2 * v], n2 = n[2 * v + 1];
-          const acc_t* __restrict a = in + v * C;
-          acc_t* __restrict o = o_all + v * C;
-          if (n1 >= 0 && n2 >= 0) {
-            const acc_t* __restrict p1 = in + int64_t(n1) * C;
-            const acc_t* __restrict p2 = in + int64_t(n2) * C;
-            for (int64_t c = 0; c < C; ++c) {
-              o[c] = a[c] + acc_t(0.5) * (p1[c] + p2[c]);
-            }
-          } else if (n1 >= 0 || n2 >= 0) {
-            const acc_t* __restrict p1 = in + int64_t(n1 >= 0 ? n1 : n2) * C;
-            for (int64_t c = 0; c < C; ++c) {
-              o[c] = a[c] + acc_t(0.5) * p1[c];
-            }
-          } else {
-            for (int64_t c = 0; c < C; ++c) {
-              o[c] = a[c];
-            }
-          }
-        }
-      });
+      blur_direction(src, dst, nbr + static_cast<int64_t>(dir) * Mmax * 2, M, C);
       std::swap(src, dst);
     }
 
@@ -616,15 +648,13 @@ void filter_impl(const FilterShape& s, const at::Tensor& values, const at::Tenso
         if constexpr (std::is_same_v<acc_t, scalar_t>) {
           if (rows_out) {
             for (int64_t p = p0; p < p1; ++p) {
-              const acc_t a = post == nullptr ? alpha : alpha * static_cast<acc_t>(post[p]);
-              gather_row(ob + p * C, src, C, vertex + p * d1, weight + p * d1, d1, a);
+              gather_row(ob + p * C, src, C, vertex + p * d1, weight + p * d1, d1, alpha);
             }
             continue;
           }
         }
         for (int64_t p = p0; p < p1; ++p) {
-          const acc_t a = post == nullptr ? alpha : alpha * static_cast<acc_t>(post[p]);
-          gather_row(tile.data() + (p - p0) * C, src, C, vertex + p * d1, weight + p * d1, d1, a);
+          gather_row(tile.data() + (p - p0) * C, src, C, vertex + p * d1, weight + p * d1, d1, alpha);
         }
         for (int64_t c = 0; c < C; ++c) {
           scalar_t* oc = ob + c * out_sc;
@@ -637,53 +667,25 @@ void filter_impl(const FilterShape& s, const at::Tensor& values, const at::Tenso
   }
 }
 
-// A per-point scale [B, N] of the values' dtype and device, or undefined.
-at::Tensor check_point_scale(const std::optional<at::Tensor>& scale, const at::Tensor& values, const char* what) {
-  if (!scale.has_value() || !scale->defined()) {
-    return at::Tensor();
-  }
-  TORCH_CHECK(scale->dim() == 2 && scale->size(0) == values.size(0) && scale->size(1) == values.size(2),
-              "lattice_filter_scaled: ", what, " must be [B, N] = [", values.size(0), ", ", values.size(2), "], got ",
-              scale->sizes());
-  TORCH_CHECK(scale->scalar_type() == values.scalar_type() && scale->device() == values.device(),
-              "lattice_filter_scaled: ", what, " must have the values' dtype and device");
-  return scale->contiguous();
-}
-
-at::Tensor lattice_filter_scaled_cpu(const at::Tensor& values, const std::optional<at::Tensor>& splat_scale,
-                                     const std::optional<at::Tensor>& slice_scale, const at::Tensor& splat_vertex,
-                                     const at::Tensor& splat_weight, const at::Tensor& blur_neighbors,
-                                     const at::Tensor& num_vertices, const at::Tensor& splat_offsets,
-                                     const at::Tensor& splat_points, const at::Tensor& splat_points_weight,
-                                     bool reverse) {
-  const FilterShape s = check_filter_args(values, splat_vertex, splat_weight, blur_neighbors, num_vertices,
-                                          splat_offsets, splat_points, splat_points_weight);
-  const at::Tensor pre = check_point_scale(splat_scale, values, "splat_scale");
-  const at::Tensor post = check_point_scale(slice_scale, values, "slice_scale");
-  const bool channels_innermost = s.C > 1 && values.stride(1) == 1;
-  at::Tensor out = channels_innermost ? at::empty({s.B, s.N, s.C}, values.options()).transpose(1, 2)
-                                      : at::empty({s.B, s.C, s.N}, values.options());
-  if (out.numel() > 0) {
-    const at::Tensor sv = splat_vertex.contiguous(), sw = splat_weight.contiguous(),
-                     bn = blur_neighbors.contiguous(), nv = num_vertices.cpu().contiguous(),
-                     so = splat_offsets.contiguous(), sp = splat_points.contiguous(),
-                     spw = splat_points_weight.contiguous();
-    check_table_ids(s, sv, bn, nv, so, sp);
-    AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "ext_lattice_filter_scaled_cpu", [&] {
-      filter_impl<scalar_t>(s, values, sv, sw, bn, nv, so, sp, spw, reverse, out,
-                            pre.defined() ? pre.const_data_ptr<scalar_t>() : nullptr,
-                            post.defined() ? post.const_data_ptr<scalar_t>() : nullptr);
-    });
-  }
-  return out;
-}
-
 at::Tensor lattice_filter_cpu(const at::Tensor& values, const at::Tensor& splat_vertex,
                               const at::Tensor& splat_weight, const at::Tensor& blur_neighbors,
                               const at::Tensor& num_vertices, const at::Tensor& splat_offsets,
                               const at::Tensor& splat_points, const at::Tensor& splat_points_weight, bool reverse) {
-  return lattice_filter_scaled_cpu(values, std::nullopt, std::nullopt, splat_vertex, splat_weight, blur_neighbors,
-                                   num_vertices, splat_offsets, splat_points, splat_points_weight, reverse);
+  const FilterShape s = check_filter_args(values, splat_vertex, splat_weight, blur_neighbors, num_vertices,
+                                          splat_offsets, splat_points, splat_points_weight);
+  const bool channels_innermost = s.C > 1 && values.stride(1) == 1;
+  at::Tensor out = channels_innermost ? at::empty({s.B, s.N, s.C}, values.options()).transpose(1, 2)
+                                      : at::empty({s.B, s.C, s.N}, values.options());
+  if (out.numel() > 0) {
+    // The CPU filter scatters through (splat_vertex, splat_weight); the CSR tables serve the CUDA kernel's
+    // gather and are only checked here.
+    const at::Tensor sv = splat_vertex.contiguous(), sw = splat_weight.contiguous(),
+                     bn = blur_neighbors.contiguous(), nv = num_vertices.cpu().contiguous();
+    check_table_ids(s, sv, bn, nv, splat_offsets.contiguous(), splat_points.contiguous());
+    AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "ext_lattice_filter_cpu",
+                               [&] { filter_impl<scalar_t>(s, values, sv, sw, bn, nv, reverse, out); });
+  }
+  return out;
 }
 
 }  // namespace
@@ -693,5 +695,4 @@ at::Tensor lattice_filter_cpu(const at::Tensor& values, const at::Tensor& splat_
 TORCH_LIBRARY_IMPL(fastseg, CPU, m) {
   m.impl("ext_lattice_build", &fastseg::lattice::lattice_build_cpu);
   m.impl("ext_lattice_filter", &fastseg::lattice::lattice_filter_cpu);
-  m.impl("ext_lattice_filter_scaled", &fastseg::lattice::lattice_filter_scaled_cpu);
 }

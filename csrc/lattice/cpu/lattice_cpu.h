@@ -1,0 +1,61 @@
+// CPU pieces shared by the lattice filter (lattice_cpu.cpp) and the dense-CRF inference (csrc/crf/cpu): the
+// parallel grain and the id checks of the tables.
+//
+// at::parallel_for runs in parallel only because setup.py compiles with -fopenmp (it is a header template).
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+
+#include "lattice/lattice_args.h"
+
+namespace fastseg {
+namespace lattice {
+
+// Work per parallel_for chunk, in multiply-adds (about at::internal::GRAIN_SIZE).
+constexpr int64_t kWorkPerChunk = 32768;
+
+inline int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, kWorkPerChunk / std::max<int64_t>(1, work_per_item));
+}
+
+// Every vertex id of splat_vertex and blur_neighbors (contiguous, on the CPU) must be in range for its image's
+// num_vertices, or a filter would read out of bounds.
+inline void check_vertex_ids(const char* op, const TableShape& s, const at::Tensor& splat_vertex,
+                             const at::Tensor& blur_neighbors, const at::Tensor& num_vertices) {
+  const int64_t d1 = s.d + 1, E = s.N * d1;
+  const int64_t* nv = num_vertices.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < s.B; ++b) {
+    TORCH_CHECK(nv[b] >= 0 && nv[b] <= s.Mmax, op, ": num_vertices[", b, "] = ", nv[b], " is outside 0..", s.Mmax);
+    const int32_t M = static_cast<int32_t>(nv[b]);
+    const int32_t* vtx = splat_vertex.const_data_ptr<int32_t>() + b * E;
+    const int32_t* nbr = blur_neighbors.const_data_ptr<int32_t>() + b * d1 * s.Mmax * 2;
+    std::atomic<bool> ok{true};
+    at::parallel_for(0, E, kWorkPerChunk, [&](int64_t begin, int64_t end) {
+      bool good = true;
+      for (int64_t e = begin; e < end; ++e) {
+        good &= (vtx[e] >= 0) & (vtx[e] < M);
+      }
+      if (!good) {
+        ok = false;
+      }
+    });
+    TORCH_CHECK(ok.load(), op, ": image ", b, ": splat_vertex holds an id out of range");
+    bool good = true;
+    for (int64_t dir = 0; dir < d1; ++dir) {
+      const int32_t* n = nbr + dir * s.Mmax * 2;
+      for (int64_t i = 0; i < 2 * int64_t(M); ++i) {
+        good &= (n[i] >= -1) & (n[i] < M);
+      }
+    }
+    TORCH_CHECK(good, op, ": image ", b, ": blur_neighbors holds an id out of range");
+  }
+}
+
+}  // namespace lattice
+}  // namespace fastseg
