@@ -260,7 +260,11 @@ def _weight(value, what: str):
 
 
 def _check_finite(t: Tensor, what: str) -> None:
-    if not bool(torch.isfinite(t).all()):
+    if t.numel() == 0 or not t.is_floating_point():
+        return
+    # one min/max reduction, through which NaN propagates: no boolean temporary of t's size
+    lo, hi = torch.aminmax(t)
+    if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
         raise ValueError(f"dense_crf: {what} contains NaN or Inf")
 
 

@@ -38,7 +38,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <memory>
 #include <string>
@@ -72,31 +71,32 @@ template <typename T, int kBytes>
 struct Simd {
   typedef T V __attribute__((vector_size(kBytes)));
   typedef int32_t I __attribute__((vector_size(kBytes)));
+  // V at any address of a T: loads and stores through it are T accesses to the compiler's alias analysis
+  // (a memcpy would alias everything, and every store into a row would reload the terms' fields).
+  typedef T Unaligned __attribute__((vector_size(kBytes), aligned(alignof(T))));
   static constexpr int kLanes = kBytes / static_cast<int>(sizeof(T));
 };
 
-template <typename V>
-FASTSEG_ALWAYS_INLINE V load(const void* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
+template <typename T, int kBytes>
+FASTSEG_ALWAYS_INLINE typename Simd<T, kBytes>::V load(const T* p) {
+  return *reinterpret_cast<const typename Simd<T, kBytes>::Unaligned*>(p);
 }
 
-template <typename V>
-FASTSEG_ALWAYS_INLINE void store(void* p, V v) {
-  std::memcpy(p, &v, sizeof(V));
+template <typename T, int kBytes>
+FASTSEG_ALWAYS_INLINE void store(T* p, const typename Simd<T, kBytes>::V& v) {
+  *reinterpret_cast<typename Simd<T, kBytes>::Unaligned*>(p) = v;
 }
 
 // exp(x) for x <= 0 (callers subtract the row maximum). float: Cephes expf's range reduction and polynomial
 // (about 1 ulp) on every lane; arguments below -87.3 give exp(-87.3) (~1e-38), far below softmax's
 // resolution; NaN stays NaN. double: std::exp per lane.
 template <typename T, int kBytes>
-FASTSEG_ALWAYS_INLINE typename Simd<T, kBytes>::V exp_nonpositive(typename Simd<T, kBytes>::V x) {
+FASTSEG_ALWAYS_INLINE typename Simd<T, kBytes>::V exp_nonpositive(const typename Simd<T, kBytes>::V& in) {
   using V = typename Simd<T, kBytes>::V;
+  V x = in;
   if constexpr (std::is_same_v<T, float>) {
     using I = typename Simd<T, kBytes>::I;
     x = x < -87.3f ? V{} - 87.3f : x;
-    x = x > 0.0f ? V{} : x;
     // n = round(x / ln 2): for x <= 0, truncating x / ln 2 - 0.5 towards 0 rounds to nearest
     const I n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, I);
     const V fn = __builtin_convertvector(n, V);
@@ -236,6 +236,22 @@ struct FreeDeleter {
   void operator()(void* p) const { std::free(p); }
 };
 
+// dst += scale * (the slice of term k at point p): the lattice rows of p's simplex vertices, weighted.
+template <typename T, int kBytes>
+FASTSEG_ALWAYS_INLINE void slice_point(typename Simd<T, kBytes>::V* dst, int nb, const Term<T>& k, int64_t p,
+                                       T scale, int64_t Lp) {
+  constexpr int W = Simd<T, kBytes>::kLanes;
+  const int32_t* vertex = k.vertex + p * k.d1;
+  const T* weight = k.weight + p * k.d1;
+  for (int j = 0; j < k.d1; ++j) {
+    const T* row = k.lattice + int64_t(vertex[j]) * Lp;
+    const T w = scale * weight[j];
+    for (int i = 0; i < nb; ++i) {
+      dst[i] += w * load<T, kBytes>(row + i * W);
+    }
+  }
+}
+
 // One chunk of points of image b: for each point the slice of every term (when `slice`), the update and
 // softmax, then the splat of Q into the chunk's rows (when `splat`) or Q written to `out` ([B, L, N], when
 // `out`).
@@ -272,37 +288,27 @@ FASTSEG_ALWAYS_INLINE void chunk_pass(const Problem<T>& pb, int64_t b, int64_t t
   for (int64_t p = p0; p < p1; ++p) {
     const T* u = pb.logits + (b * N + p) * Lp;
     for (int i = 0; i < nb; ++i) {
-      acc[i] = load<V>(u + i * W);
+      acc[i] = load<T, kBytes>(u + i * W);
     }
     if (slice) {
       for (const Term<T>& k : terms) {
+        const T s = k.slice_scale == nullptr ? k.slice_factor : k.slice_factor * k.slice_scale[p];
+        if (k.compat_t == nullptr) {  // Potts: the message adds straight into the update
+          slice_point<T, kBytes>(acc, nb, k, p, s, Lp);
+          continue;
+        }
         for (int i = 0; i < nb; ++i) {
           msg[i] = V{};
         }
-        const int32_t* vtx = k.vertex + p * k.d1;
-        const T* w = k.weight + p * k.d1;
-        for (int j = 0; j < k.d1; ++j) {
-          const T* row = k.lattice + int64_t(vtx[j]) * Lp;
-          const T wj = w[j];
-          for (int i = 0; i < nb; ++i) {
-            msg[i] += wj * load<V>(row + i * W);
-          }
+        slice_point<T, kBytes>(msg, nb, k, p, s, Lp);
+        for (int i = 0; i < nb; ++i) {
+          store<T, kBytes>(scaled.data() + i * W, msg[i]);
         }
-        const T s = k.slice_scale == nullptr ? k.slice_factor : k.slice_factor * k.slice_scale[p];
-        if (k.compat_t == nullptr) {
+        for (int64_t l = 0; l < L; ++l) {  // acc -= M m = sum_l m_l M[:, l]
+          const T* column = k.compat_t + l * Lp;
+          const T ml = scaled[l];
           for (int i = 0; i < nb; ++i) {
-            acc[i] += s * msg[i];
-          }
-        } else {
-          for (int i = 0; i < nb; ++i) {
-            store(scaled.data() + i * W, s * msg[i]);
-          }
-          for (int64_t l = 0; l < L; ++l) {  // acc -= M m = sum_l m_l M[:, l]
-            const T* column = k.compat_t + l * Lp;
-            const T ml = scaled[l];
-            for (int i = 0; i < nb; ++i) {
-              acc[i] -= ml * load<V>(column + i * W);
-            }
+            acc[i] -= ml * load<T, kBytes>(column + i * W);
           }
         }
       }
@@ -349,7 +355,7 @@ FASTSEG_ALWAYS_INLINE void chunk_pass(const Problem<T>& pb, int64_t b, int64_t t
           T* row = k.chunk_buf + int64_t(rows[j]) * Lp;
           const T wj = s * w[j];
           for (int i = 0; i < nb; ++i) {
-            store(row + i * W, load<V>(row + i * W) + wj * acc[i]);
+            store<T, kBytes>(row + i * W, load<T, kBytes>(row + i * W) + wj * acc[i]);
           }
         }
       }
@@ -370,9 +376,9 @@ FASTSEG_ALWAYS_INLINE void reduce_rows(const Term<T>& k, int64_t nb, int64_t v0,
     for (int64_t i = 0; i < nb; ++i) {
       V sum{};
       for (int32_t r = r0; r < r1; ++r) {
-        sum += load<V>(k.chunk_buf + int64_t(cr.reduce_rows[r]) * Lp + i * W);
+        sum += load<T, kBytes>(k.chunk_buf + int64_t(cr.reduce_rows[r]) * Lp + i * W);
       }
-      store(dst + i * W, sum);
+      store<T, kBytes>(dst + i * W, sum);
     }
   }
 }
@@ -393,12 +399,12 @@ FASTSEG_ALWAYS_INLINE void blur_rows(const T* in, T* out, const int32_t* neighbo
     for (int64_t i = 0; i < nb; ++i) {
       V side{};
       if (n1 >= 0) {
-        side += load<V>(p1 + i * W);
+        side += load<T, kBytes>(p1 + i * W);
       }
       if (n2 >= 0) {
-        side += load<V>(p2 + i * W);
+        side += load<T, kBytes>(p2 + i * W);
       }
-      store(o + i * W, load<V>(a + i * W) + T(0.5) * side);
+      store<T, kBytes>(o + i * W, load<T, kBytes>(a + i * W) + T(0.5) * side);
     }
   }
 }
@@ -492,8 +498,34 @@ Kernels<T> kernels_for(int64_t L) {
 
 // --- the iterations -----------------------------------------------------------------------------------------
 
+// fn(term, first, last) over the vertices of every lattice in `lattices`, in parallel, as one range: one
+// parallel loop (one synchronisation) per step for all the terms and images.
+template <typename T, typename Fn>
+void for_vertices(const std::vector<Term<T>*>& lattices, int64_t work_per_vertex, const Fn& fn) {
+  std::vector<int64_t> first(lattices.size() + 1, 0);
+  for (size_t i = 0; i < lattices.size(); ++i) {
+    first[i + 1] = first[i] + lattices[i]->M;
+  }
+  at::parallel_for(0, first.back(), grain_for(work_per_vertex), [&](int64_t begin, int64_t end) {
+    for (size_t i = 0; i < lattices.size(); ++i) {
+      const int64_t lo = std::max(begin, first[i]), hi = std::min(end, first[i + 1]);
+      if (lo < hi) {
+        fn(*lattices[i], lo - first[i], hi - first[i]);
+      }
+    }
+  });
+}
+
 template <typename T>
 void run(const Kernels<T>& kern, Problem<T>& pb, int64_t iterations, T* q) {
+  std::vector<Term<T>*> lattices;
+  int max_d1 = 0;
+  for (std::vector<Term<T>>& image : pb.terms) {
+    for (Term<T>& k : image) {
+      lattices.push_back(&k);
+      max_d1 = std::max(max_d1, k.d1);
+    }
+  }
   for (int64_t it = 0; it <= iterations; ++it) {
     const bool last = it == iterations;
     at::parallel_for(0, pb.B * pb.chunks, 1, [&](int64_t begin, int64_t end) {
@@ -504,17 +536,21 @@ void run(const Kernels<T>& kern, Problem<T>& pb, int64_t iterations, T* q) {
     if (last) {
       break;
     }
-    for (std::vector<Term<T>>& image : pb.terms) {
-      for (Term<T>& k : image) {
-        at::parallel_for(0, k.M, grain_for(2 * pb.Lp),
-                         [&](int64_t begin, int64_t end) { kern.reduce(k, pb.nb, begin, end); });
-        for (int dir = 0; dir < k.d1; ++dir) {
-          const int32_t* neighbors = k.neighbors + int64_t(dir) * k.Mmax * 2;
-          at::parallel_for(0, k.M, grain_for(3 * pb.Lp), [&](int64_t begin, int64_t end) {
-            kern.blur(k.lattice, k.blur_tmp, neighbors, pb.nb, begin, end);
-          });
-          std::swap(k.lattice, k.blur_tmp);
+    for_vertices(lattices, 2 * pb.Lp, [&](const Term<T>& k, int64_t v0, int64_t v1) {
+      kern.reduce(k, pb.nb, v0, v1);
+    });
+    for (int dir = 0; dir < max_d1; ++dir) {
+      std::vector<Term<T>*> blurred;  // the lattices with a direction `dir`
+      for (Term<T>* k : lattices) {
+        if (dir < k->d1) {
+          blurred.push_back(k);
         }
+      }
+      for_vertices(blurred, 3 * pb.Lp, [&](const Term<T>& k, int64_t v0, int64_t v1) {
+        kern.blur(k.lattice, k.blur_tmp, k.neighbors + int64_t(dir) * k.Mmax * 2, pb.nb, v0, v1);
+      });
+      for (Term<T>* k : blurred) {
+        std::swap(k->lattice, k->blur_tmp);
       }
     }
   }
