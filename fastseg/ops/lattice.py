@@ -187,8 +187,8 @@ def _channels_innermost(values: Tensor) -> bool:
 def reference_lattice_filter(values: Tensor, splat_vertex: Tensor, splat_weight: Tensor, blur_neighbors: Tensor,
                              num_vertices: Tensor, splat_offsets: Tensor, splat_points: Tensor,
                              splat_points_weight: Tensor, reverse: bool) -> Tensor:
-    """lattice_filter in plain PyTorch: the splat as an index_add_ over (splat_vertex, splat_weight) (the C++
-    kernels gather over the CSR instead), the blur with gathers, the slice as a weighted gather."""
+    """lattice_filter in plain PyTorch: the splat as an index_add_ over (splat_vertex, splat_weight) (the CUDA
+    kernel gathers over the CSR instead), the blur with gathers, the slice as a weighted gather."""
     B, C, N = values.shape
     d1 = splat_vertex.shape[2]
     d = d1 - 1

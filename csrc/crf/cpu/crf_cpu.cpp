@@ -17,8 +17,8 @@
 // number depends on N alone; each chunk scatters into its own compact buffer, one row per vertex that the
 // chunk touches (numbered in the chunk's order of first appearance), so a chunk's buffer stays small and in
 // cache. The reduce then sums every vertex's chunk rows in chunk order. Neighbouring points share vertices, so
-// the chunk rows add up to little more than the lattice (about 1.1 M for a 512x512 spatial lattice, 1.6 M
-// for a bilateral one, at 32 chunks).
+// the chunk rows add up to a small multiple of the lattice's M (512x512, 32 chunks: 1.3 M for the spatial
+// kernel's lattice, 3.2 M for the bilateral one's).
 //
 // Rows are labels-innermost and padded to whole SIMD vectors (GCC vector extensions); padding lanes stay 0
 // in every lattice buffer, and the padded logits hold -inf there, which the softmax masks out. The kernels
@@ -135,7 +135,7 @@ int64_t chunk_begin(int64_t N, int64_t chunks, int64_t t) {
 
 // The chunk rows of one lattice image.
 struct ChunkRows {
-  std::vector<int32_t> splat_row;      // [N * (d + 1)]: the chunk row each splat entry adds into
+  std::vector<int32_t> splat_row;      // [N * (d + 1)]: the row of its chunk each splat entry adds into
   std::vector<int64_t> first_row;      // [chunks + 1]: chunk t owns rows first_row[t] .. first_row[t + 1] - 1
   std::vector<int32_t> reduce_offsets; // [M + 1]: vertex v sums rows reduce_rows[reduce_offsets[v] ..
   std::vector<int32_t> reduce_rows;    //           reduce_offsets[v + 1] - 1], in chunk order
@@ -169,14 +169,6 @@ ChunkRows make_chunk_rows(const int32_t* vertex, int64_t N, int d1, int64_t M, i
     cr.first_row[t + 1] = cr.first_row[t] + static_cast<int64_t>(vertex_of[t].size());
   }
   TORCH_CHECK(cr.first_row[chunks] < std::numeric_limits<int32_t>::max(), "crf_mean_field: too many chunk rows");
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int32_t base = static_cast<int32_t>(cr.first_row[t]);
-      for (int64_t e = chunk_begin(N, chunks, t) * d1; e < chunk_begin(N, chunks, t + 1) * d1; ++e) {
-        cr.splat_row[e] += base;
-      }
-    }
-  });
   // The reduce's CSR over vertices, by counting sort in chunk order.
   cr.reduce_offsets.assign(static_cast<size_t>(M) + 1, 0);
   for (int64_t t = 0; t < chunks; ++t) {
@@ -279,9 +271,11 @@ FASTSEG_ALWAYS_INLINE void chunk_pass(const Problem<T>& pb, int64_t b, int64_t t
     last_mask[i] = i < last ? T(1) : T(0);
   }
   const std::vector<Term<T>>& terms = pb.terms[b];
+  std::vector<T*> chunk_rows(terms.size());  // this chunk's rows of each term
   if (splat) {
-    for (const Term<T>& k : terms) {
-      std::fill(k.chunk_buf + k.rows->first_row[t] * Lp, k.chunk_buf + k.rows->first_row[t + 1] * Lp, T(0));
+    for (size_t k = 0; k < terms.size(); ++k) {
+      chunk_rows[k] = terms[k].chunk_buf + terms[k].rows->first_row[t] * Lp;
+      std::fill(chunk_rows[k], terms[k].chunk_buf + terms[k].rows->first_row[t + 1] * Lp, T(0));
     }
   }
   const int64_t p0 = chunk_begin(N, pb.chunks, t), p1 = chunk_begin(N, pb.chunks, t + 1);
@@ -347,12 +341,13 @@ FASTSEG_ALWAYS_INLINE void chunk_pass(const Problem<T>& pb, int64_t b, int64_t t
       }
     }
     if (splat) {
-      for (const Term<T>& k : terms) {
+      for (size_t ki = 0; ki < terms.size(); ++ki) {
+        const Term<T>& k = terms[ki];
         const int32_t* rows = k.rows->splat_row.data() + p * k.d1;
         const T* w = k.weight + p * k.d1;
         const T s = k.splat_scale == nullptr ? T(1) : k.splat_scale[p];
         for (int j = 0; j < k.d1; ++j) {
-          T* row = k.chunk_buf + int64_t(rows[j]) * Lp;
+          T* row = chunk_rows[ki] + int64_t(rows[j]) * Lp;
           const T wj = s * w[j];
           for (int i = 0; i < nb; ++i) {
             store<T, kBytes>(row + i * W, load<T, kBytes>(row + i * W) + wj * acc[i]);
@@ -595,8 +590,9 @@ void normalize(LatticeImage<T>& li, Normalization mode, const int32_t* vertex, c
   std::vector<T> chunk_sums(static_cast<size_t>(cr.first_row[chunks]), T(0));
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
+      T* sums = chunk_sums.data() + cr.first_row[t];
       for (int64_t e = chunk_begin(N, chunks, t) * d1; e < chunk_begin(N, chunks, t + 1) * d1; ++e) {
-        chunk_sums[cr.splat_row[e]] += weight[e];
+        sums[cr.splat_row[e]] += weight[e];
       }
     }
   });
@@ -647,6 +643,35 @@ const T* data_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
+// logits [B, L, N] (any strides) as [B, N, Lp] rows of labels, -inf in the padding lanes; a tile of points
+// at a time, so that each label's values are read sequentially.
+template <typename T>
+at::Tensor point_rows(const at::Tensor& logits, int64_t Lp) {
+  constexpr int64_t kTile = 64;
+  const int64_t B = logits.size(0), L = logits.size(1), N = logits.size(2);
+  at::Tensor rows = at::empty({B, N, Lp}, logits.options());
+  const T* src = logits.const_data_ptr<T>();
+  const int64_t sb = logits.stride(0), sl = logits.stride(1), sn = logits.stride(2);
+  T* dst = rows.mutable_data_ptr<T>();
+  const int64_t tiles = (N + kTile - 1) / kTile;
+  at::parallel_for(0, B * tiles, grain_for(kTile * Lp), [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / tiles, p0 = (task % tiles) * kTile, p1 = std::min(N, p0 + kTile);
+      T* tile = dst + (b * N + p0) * Lp;
+      for (int64_t l = 0; l < L; ++l) {
+        const T* x = src + b * sb + l * sl;
+        for (int64_t p = p0; p < p1; ++p) {
+          tile[(p - p0) * Lp + l] = x[p * sn];
+        }
+      }
+      for (int64_t p = p0; p < p1; ++p) {
+        std::fill(tile + (p - p0) * Lp + L, tile + (p - p0 + 1) * Lp, -std::numeric_limits<T>::infinity());
+      }
+    }
+  });
+  return rows;
+}
+
 at::Tensor crf_mean_field_cpu(const at::Tensor& logits, at::TensorList splat_vertex, at::TensorList splat_weight,
                               at::TensorList blur_neighbors, at::TensorList num_vertices,
                               const std::vector<std::string>& normalization, at::ArrayRef<double> weight,
@@ -666,7 +691,7 @@ at::Tensor crf_mean_field_cpu(const at::Tensor& logits, at::TensorList splat_ver
   if (out.numel() == 0) {
     return out;
   }
-  std::vector<at::Tensor> keep;  // owns contiguous copies
+  std::vector<at::Tensor> keep;  // owns what the raw pointers below point into
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "ext_crf_mean_field_cpu", [&] {
     using T = scalar_t;
     const Kernels<T> kern = kernels_for<T>(L);
@@ -753,33 +778,8 @@ at::Tensor crf_mean_field_cpu(const at::Tensor& logits, at::TensorList splat_ver
         }
       }
     }
-    // The logits as padded point rows, -inf in the padding lanes, a tile of points at a time (each label's
-    // values are read sequentially).
-    at::Tensor rows = at::empty({B, N, pb.Lp}, logits.options());
-    keep.push_back(rows);
-    {
-      constexpr int64_t kTile = 64;
-      const T* src = logits.const_data_ptr<T>();
-      const int64_t sb = logits.stride(0), sl = logits.stride(1), sn = logits.stride(2);
-      T* dst = rows.mutable_data_ptr<T>();
-      const int64_t tiles = (N + kTile - 1) / kTile;
-      at::parallel_for(0, B * tiles, grain_for(kTile * pb.Lp), [&](int64_t begin, int64_t end) {
-        for (int64_t task = begin; task < end; ++task) {
-          const int64_t b = task / tiles, p0 = (task % tiles) * kTile, p1 = std::min(N, p0 + kTile);
-          T* tile = dst + (b * N + p0) * pb.Lp;
-          for (int64_t l = 0; l < L; ++l) {
-            const T* x = src + b * sb + l * sl;
-            for (int64_t p = p0; p < p1; ++p) {
-              tile[(p - p0) * pb.Lp + l] = x[p * sn];
-            }
-          }
-          for (int64_t p = p0; p < p1; ++p) {
-            std::fill(tile + (p - p0) * pb.Lp + L, tile + (p - p0 + 1) * pb.Lp, -std::numeric_limits<T>::infinity());
-          }
-        }
-      });
-      pb.logits = dst;
-    }
+    const at::Tensor rows = point_rows<T>(logits, pb.Lp);
+    pb.logits = rows.const_data_ptr<T>();
     run(kern, pb, iterations, out.mutable_data_ptr<T>());
   });
   return out;
