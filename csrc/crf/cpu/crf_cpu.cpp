@@ -501,7 +501,9 @@ void for_vertices(const std::vector<Term<T>*>& lattices, int64_t work_per_vertex
   for (size_t i = 0; i < lattices.size(); ++i) {
     first[i + 1] = first[i] + lattices[i]->M;
   }
-  at::parallel_for(0, first.back(), grain_for(work_per_vertex), [&](int64_t begin, int64_t end) {
+  const int64_t block = grain_for(work_per_vertex);
+  lattice::parallel_tasks((first.back() + block - 1) / block, [&](int64_t task) {
+    const int64_t begin = task * block, end = std::min(first.back(), begin + block);
     for (size_t i = 0; i < lattices.size(); ++i) {
       const int64_t lo = std::max(begin, first[i]), hi = std::min(end, first[i + 1]);
       if (lo < hi) {
@@ -523,10 +525,8 @@ void run(const Kernels<T>& kern, Problem<T>& pb, int64_t iterations, T* q) {
   }
   for (int64_t it = 0; it <= iterations; ++it) {
     const bool last = it == iterations;
-    at::parallel_for(0, pb.B * pb.chunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        kern.chunk(pb, task / pb.chunks, task % pb.chunks, it > 0, !last, last ? q : nullptr);
-      }
+    lattice::parallel_tasks(pb.B * pb.chunks, [&](int64_t task) {
+      kern.chunk(pb, task / pb.chunks, task % pb.chunks, it > 0, !last, last ? q : nullptr);
     });
     if (last) {
       break;

@@ -214,7 +214,9 @@ int64_t build_points(const at::Tensor& features, int64_t b, int d, KeyTable& tab
   std::unique_ptr<int32_t[]> simplex(new int32_t[static_cast<size_t>(N) * 2 * d1]);  // no zero-fill
   const auto phase1 = simplex_points_for<F>(d);
   std::atomic<int64_t> bad{N};
-  at::parallel_for(0, N, grain_for(d1 * d1), [&](int64_t begin, int64_t end) {
+  const int64_t block = grain_for(d1 * d1);
+  parallel_tasks((N + block - 1) / block, [&](int64_t task) {
+    const int64_t begin = task * block, end = std::min(N, begin + block);
     const int64_t first_bad = phase1(f, fs_d, fs_n, d, scale, begin, end, simplex.get(), weight_out);
     int64_t cur = bad.load();
     while (first_bad < end && first_bad < cur && !bad.compare_exchange_weak(cur, first_bad)) {

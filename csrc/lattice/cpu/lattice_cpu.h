@@ -1,5 +1,5 @@
-// CPU pieces shared by the lattice filter (lattice_cpu.cpp) and the dense-CRF inference (csrc/crf/cpu): the
-// parallel grain and the id checks of the tables.
+// CPU pieces shared by the lattice build and filter (lattice_cpu.cpp) and the dense-CRF inference
+// (csrc/crf/cpu): the parallel grain, dynamically shared parallel loops and the id checks of the tables.
 //
 // at::parallel_for runs in parallel only because setup.py compiles with -fopenmp (it is a header template).
 #pragma once
@@ -22,6 +22,21 @@ constexpr int64_t kWorkPerChunk = 32768;
 
 inline int64_t grain_for(int64_t work_per_item) {
   return std::max<int64_t>(1, kWorkPerChunk / std::max<int64_t>(1, work_per_item));
+}
+
+// fn(task) for every task in 0..tasks-1, on the threads of one parallel region, each thread claiming the
+// next task when it is done with one. Unlike at::parallel_for's equal static shares, a thread that gets less
+// of its core (a machine shared with other processes) then takes fewer tasks instead of holding up the
+// region. Results must not depend on which thread runs a task.
+template <typename Fn>
+void parallel_tasks(int64_t tasks, const Fn& fn) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(tasks, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t task = next++; task < tasks; task = next++) {
+      fn(task);
+    }
+  });
 }
 
 // Every vertex id of splat_vertex and blur_neighbors (contiguous, on the CPU) must be in range for its image's
