@@ -163,7 +163,7 @@ _register_extension_fakes()
 
 
 def _can_fuse(logits: Tensor, terms: Sequence[PairwiseTerm]) -> bool:
-    """The fused inference serves inference: CPU tensors, the extension selected for the lattice, real
+    """The fused path serves inference: CPU tensors, the extension selected for the lattice, real
     PermutohedralLattices (tests substitute exact filters), and nothing that autograd would have to reach."""
     from fastseg.ops.lattice import PermutohedralLattice
 
