@@ -382,24 +382,26 @@ FASTSEG_ALWAYS_INLINE void reduce_rows(const Term<T>& k, int64_t nb, int64_t v0,
 template <typename T, int kBytes>
 FASTSEG_ALWAYS_INLINE void blur_rows(const T* in, T* out, const int32_t* neighbors, int64_t nb, int64_t v0,
                                      int64_t v1) {
-  using V = typename Simd<T, kBytes>::V;
   constexpr int W = Simd<T, kBytes>::kLanes;
   const int64_t Lp = nb * W;
   for (int64_t v = v0; v < v1; ++v) {
     const int32_t n1 = neighbors[2 * v], n2 = neighbors[2 * v + 1];
     const T* a = in + v * Lp;
-    const T* p1 = in + int64_t(n1) * Lp;
-    const T* p2 = in + int64_t(n2) * Lp;
     T* o = out + v * Lp;
-    for (int64_t i = 0; i < nb; ++i) {
-      V side{};
-      if (n1 >= 0) {
-        side += load<T, kBytes>(p1 + i * W);
+    if (n1 >= 0 && n2 >= 0) {
+      const T* p1 = in + int64_t(n1) * Lp;
+      const T* p2 = in + int64_t(n2) * Lp;
+      for (int64_t i = 0; i < nb; ++i) {
+        store<T, kBytes>(o + i * W, load<T, kBytes>(a + i * W) +
+                                        T(0.5) * (load<T, kBytes>(p1 + i * W) + load<T, kBytes>(p2 + i * W)));
       }
-      if (n2 >= 0) {
-        side += load<T, kBytes>(p2 + i * W);
+    } else if (n1 >= 0 || n2 >= 0) {
+      const T* p1 = in + int64_t(n1 >= 0 ? n1 : n2) * Lp;
+      for (int64_t i = 0; i < nb; ++i) {
+        store<T, kBytes>(o + i * W, load<T, kBytes>(a + i * W) + T(0.5) * load<T, kBytes>(p1 + i * W));
       }
-      store<T, kBytes>(o + i * W, load<T, kBytes>(a + i * W) + T(0.5) * side);
+    } else {
+      std::copy(a, a + Lp, o);
     }
   }
 }
