@@ -362,7 +362,7 @@ def test_build_op_rejects_non_finite(backend):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# CUDA (the filter kernel; the build runs on the CPU and its tables move to the device)
+# CUDA (build and filter kernels against the CPU ones)
 # --------------------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -386,3 +386,126 @@ def test_cuda_filter_matches_cpu(dtype):
     cpu.filter(xc, "symmetric").square().sum().backward()
     torch.testing.assert_close(x.grad.cpu(), xc.grad, **_tol(dtype))
     assert torch.equal(gpu.filter(v.cuda()), gpu.filter(v.cuda()))  # gathers only: deterministic
+
+
+def _skip_unless_cuda_build():
+    skip_unless("extension")
+    if not L._extension_has_cuda_kernel("ext_lattice_build"):
+        pytest.skip("fastseg._C was built without the CUDA lattice build")
+
+
+def assert_same_lattice(cpu_tables, gpu_tables):
+    """The CUDA build's tables describe the CPU build's lattice: the same vertices (numbered differently: the
+    CPU build numbers them by first appearance, the CUDA build by hash slot), simplices, weights, neighbours
+    and splat rows."""
+    sv, sw, nbr, nv, off, pts, pw = cpu_tables
+    gsv, gsw, gnbr, gnv, goff, gpts, gpw = (t.cpu() for t in gpu_tables)
+    assert torch.equal(gnv, nv)
+    assert gsv.shape == sv.shape and gnbr.shape == nbr.shape and goff.shape == off.shape
+    torch.testing.assert_close(gsw, sw, rtol=1e-6 if sw.dtype == torch.float32 else 1e-12, atol=1e-7)
+    for b in range(sv.shape[0]):
+        M = int(nv[b])
+        to_gpu = torch.full((M,), -1, dtype=torch.int64)  # CPU vertex id -> CUDA vertex id
+        to_gpu[sv[b].reshape(-1).long()] = gsv[b].reshape(-1).long()
+        assert torch.equal(torch.sort(to_gpu).values, torch.arange(M)), "vertex ids are not a bijection"
+        assert torch.equal(to_gpu[sv[b].long()], gsv[b].long()), "points disagree on their simplex vertices"
+        mapped = torch.where(nbr[b, :, :M] >= 0, to_gpu[nbr[b, :, :M].long().clamp(min=0)], -1)
+        assert torch.equal(gnbr[b, :, to_gpu].long(), mapped), "blur neighbours disagree"
+        assert torch.all(gnbr[b, :, M:] == -1), "padding vertices must have no neighbours"
+        rows = off[b, 1:M + 1] - off[b, :M]
+        grows = goff[b, 1:] - goff[b, :-1]
+        assert torch.equal(grows[to_gpu], rows.to(grows.dtype)), "splat rows differ in length"
+        assert torch.all(grows[M:] == 0) and int(goff[b, 0]) == 0
+        for v in range(0, M, max(1, M // 50)):  # a sample of rows: points ascending, same weights
+            g = int(to_gpu[v])
+            assert torch.equal(gpts[b, goff[b, g]:goff[b, g + 1]], pts[b, off[b, v]:off[b, v + 1]])
+            torch.testing.assert_close(gpw[b, goff[b, g]:goff[b, g + 1]], pw[b, off[b, v]:off[b, v + 1]],
+                                       rtol=1e-6, atol=1e-7)
+
+
+def _renumbered(tables, generator):
+    """The tables of one image with the vertices renumbered by a random permutation (what the CUDA build's
+    hash-slot numbering amounts to)."""
+    sv, sw, nbr, nv, off, pts, pw = tables
+    M = int(nv[0])
+    perm = torch.randperm(M, generator=generator)  # old id -> new id
+    inverse = torch.argsort(perm)  # new id -> old id
+    new_nbr = nbr.clone()
+    new_nbr[0, :, :M] = torch.where(nbr[0, :, :M] >= 0, perm[nbr[0, :, :M].long().clamp(min=0)], -1)[:, inverse]
+    lengths = (off[0, 1:M + 1] - off[0, :M])[inverse]
+    new_off = off.clone()
+    new_off[0, 1:M + 1] = torch.cumsum(lengths, 0)
+    order = torch.cat([torch.arange(int(off[0, v]), int(off[0, v + 1])) for v in inverse.tolist()])
+    return (perm[sv.long()].int(), sw, new_nbr, nv, new_off, pts[:, order], pw[:, order])
+
+
+@pytest.mark.skipif(not extension_available(), reason=NO_EXTENSION_REASON)
+def test_same_lattice_check_accepts_renumbering_only():
+    """The GPU tests' comparison (assert_same_lattice) passes a renumbered lattice and fails a changed one."""
+    g = torch.Generator().manual_seed(0)
+    tables = torch.ops.fastseg.ext_lattice_build(torch.randn(1, 3, 500, generator=g) * 2)
+    renumbered = _renumbered(tables, g)
+    assert_same_lattice(tables, renumbered)
+    broken = list(renumbered)
+    broken[2] = broken[2].clone()
+    broken[2][0, 1, 0, 0] = -1 if int(broken[2][0, 1, 0, 0]) >= 0 else 0
+    with pytest.raises(AssertionError, match="neighbours"):
+        assert_same_lattice(tables, broken)
+    broken = list(renumbered)
+    broken[0] = broken[0].clone()
+    broken[0][0, 3, [0, 1]] = broken[0][0, 3, [1, 0]]  # two vertices of one point swapped
+    with pytest.raises(AssertionError):
+        assert_same_lattice(tables, broken)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B, d, N, dtype", [(1, 1, 301, torch.float32), (3, 2, 37 * 29, torch.float32),
+                                            (2, 5, 4001, torch.float32), (2, 4, 999, torch.float64),
+                                            (1, 16, 500, torch.float32), (1, 32, 200, torch.float64)])
+def test_cuda_build_matches_cpu(B, d, N, dtype):
+    _skip_unless_cuda_build()
+    f = torch.randn(B, d, N, dtype=dtype) * torch.linspace(0.3, 3.0, d, dtype=dtype)[None, :, None]
+    f[:, :, : N // 4] = f[:, :, :1]  # many points in one simplex: many entries race for the same key
+    gpu_tables = torch.ops.fastseg.ext_lattice_build(f.cuda())
+    assert all(t.device.type == "cuda" for t in gpu_tables)
+    assert_same_lattice(torch.ops.fastseg.ext_lattice_build(f), gpu_tables)
+    # non-contiguous features (any strides) build the same lattice
+    ft = f.cuda().transpose(1, 2).contiguous().transpose(1, 2)
+    assert_same_lattice(torch.ops.fastseg.ext_lattice_build(f), torch.ops.fastseg.ext_lattice_build(ft))
+
+
+@pytest.mark.gpu
+def test_cuda_build_filter_is_deterministic_and_on_the_current_stream():
+    _skip_unless_cuda_build()
+    f = (torch.randn(2, 5, 3000) * 2).cuda()
+    v = torch.randn(2, 21, 3000).cuda()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        first = fastseg.PermutohedralLattice(f).filter(v, "symmetric")
+    side.synchronize()
+    second = fastseg.PermutohedralLattice(f).filter(v, "symmetric")  # numbering may differ, the result not
+    assert torch.equal(first, second)
+
+
+@pytest.mark.gpu
+def test_cuda_build_edge_cases_and_errors():
+    _skip_unless_cuda_build()
+    for shape in ((2, 3, 0), (0, 3, 10)):
+        f = torch.randn(*shape)
+        gpu_tables = torch.ops.fastseg.ext_lattice_build(f.cuda())
+        for t_cpu, t_gpu in zip(torch.ops.fastseg.ext_lattice_build(f), gpu_tables):
+            assert t_gpu.shape == t_cpu.shape and t_gpu.dtype == t_cpu.dtype
+            assert torch.equal(t_gpu.cpu(), t_cpu)
+    f = torch.randn(2, 3, 20)
+    f[1, 2, 7] = float("nan")
+    with pytest.raises(ValueError, match="finite.*image 1 point 7"):
+        torch.ops.fastseg.ext_lattice_build(f.cuda())
+    f = torch.randn(2, 3, 20)
+    f[0, 1, 5] = 1e12
+    with pytest.raises(ValueError, match="too large.*image 0 point 5"):
+        torch.ops.fastseg.ext_lattice_build(f.cuda())
+    with pytest.raises(ValueError, match="feature dimension"):
+        torch.ops.fastseg.ext_lattice_build(torch.randn(1, 33, 10).cuda())
+    # the CUDA state is still good after the errors
+    assert_same_lattice(torch.ops.fastseg.ext_lattice_build(f.abs().clamp(max=3)),
+                        torch.ops.fastseg.ext_lattice_build(f.abs().clamp(max=3).cuda()))

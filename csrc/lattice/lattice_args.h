@@ -1,4 +1,5 @@
-// Host-side checks of the lattice tables, shared by the CPU and CUDA filters and the CPU dense-CRF inference.
+// Host-side checks of the lattice build's features and of the lattice tables, and the build's error for a bad
+// point, shared by the CPU and CUDA builds and filters and the dense-CRF inference.
 //
 // The table format is documented with the schemas in csrc/fastseg.cpp. The Python wrapper
 // (fastseg/ops/lattice.py) only ever passes tables that lattice_build made, but the ops are reachable
@@ -8,12 +9,34 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <cmath>
+#include <limits>
 #include <cstdint>
+#include <sstream>
 
 #include "lattice/lattice_math.h"
 
 namespace fastseg {
 namespace lattice {
+
+struct BuildShape {
+  int64_t B, N;
+  int d;
+};
+
+// features [B, d, N], float32/float64, 1 <= d <= kMaxDim, and N (d + 1) splat entries per image within int32.
+inline BuildShape check_build_args(const at::Tensor& features) {
+  TORCH_CHECK(features.dim() == 3, "lattice_build: features must be [B, d, N], got ", features.sizes());
+  TORCH_CHECK(features.scalar_type() == at::kFloat || features.scalar_type() == at::kDouble,
+              "lattice_build: features must be float32 or float64, got ", features.scalar_type());
+  const int64_t B = features.size(0), d = features.size(1), N = features.size(2);
+  TORCH_CHECK_VALUE(d >= 1 && d <= kMaxDim, "lattice_build: the feature dimension d must be in 1..", kMaxDim,
+                    ", got ", d);
+  TORCH_CHECK_VALUE(N * (d + 1) < std::numeric_limits<int32_t>::max(), "lattice_build: N * (d + 1) = ", N * (d + 1),
+                    " splat entries per image exceed the int32 tables");
+  return BuildShape{B, N, static_cast<int>(d)};
+}
 
 // The tables every filter reads, one lattice per image: B images of N points, d features, M padded vertices.
 struct TableShape {
@@ -87,6 +110,37 @@ inline FilterShape check_filter_args(const at::Tensor& values, const at::Tensor&
                 t->device());
   }
   return s;
+}
+
+// Raises the ValueError of a build whose image b, point p has coordinates that are not finite or would
+// overflow the int32 keys (shared by the CPU and CUDA builds; reads the point back from any device).
+[[noreturn]] inline void throw_bad_point(const at::Tensor& features, int64_t b, int64_t p) {
+  const int64_t d = features.size(1);
+  const at::Tensor point = features.select(0, b).select(1, p).to(at::kCPU, at::kDouble).contiguous();
+  const double* v = point.const_data_ptr<double>();
+  std::ostringstream msg;
+  msg.precision(6);
+  bool finite = true;
+  double max_abs = 0;
+  msg << "(";
+  for (int64_t i = 0; i < d; ++i) {
+    msg << (i ? ", " : "") << v[i];
+    finite = finite && std::isfinite(v[i]);
+    max_abs = std::max(max_abs, std::fabs(v[i]));
+  }
+  msg << ")";
+  if (!finite) {
+    TORCH_CHECK_VALUE(false, "lattice_build: features must be finite, but image ", b, " point ", p, " has ",
+                      msg.str());
+  }
+  // |elevated| <= max|f| sqrt(2/3) (d + 1) (H_d + 1) <= max|f| sqrt(2/3) (d + 1) (2 + ln d)
+  const double safe = kMaxElevated / (0.816496580927726 * double(d + 1) * (2.0 + std::log(double(d))));
+  TORCH_CHECK_VALUE(false, "lattice_build: feature values too large for the int32 lattice keys: image ", b,
+                    " point ", p, " has features ", msg.str(), " (max |feature| ", max_abs,
+                    "); with d = ", d, " features, keep |feature| below about ", safe,
+                    ". Features are positions divided by the kernel's standard deviation (sigma): a tiny sigma "
+                    "or huge raw values (e.g. unscaled intensities or coordinates) overflow; use a larger sigma "
+                    "or rescale the features.");
 }
 
 }  // namespace lattice

@@ -19,8 +19,8 @@ so the same tables serve the C++ kernels (fastseg._C), the plain-PyTorch referen
 Layers: the registered custom ops ``fastseg::lattice_build`` and ``fastseg::lattice_filter`` carry the fake
 implementations (torch.compile) and autograd (the filter is linear in its values, and its adjoint is the same
 filter with the blur directions in reverse order); each dispatches through fastseg._backend to the compiled
-extension or the reference (the compiled ops are fastseg::ext_lattice_build / ext_lattice_filter; the build
-always runs on the CPU, whose tables then move to the features' device; the filter has C++ and CUDA kernels).
+extension or the reference (the compiled ops are fastseg::ext_lattice_build / ext_lattice_filter, each with a
+C++ and a CUDA kernel; the tables live on the features' device).
 Gradients flow to the values, not to the features.
 
 Performance: the kernels work on [N, C] rows. Channels-innermost values (channels_last, or a points-major
@@ -215,17 +215,21 @@ def reference_lattice_filter(values: Tensor, splat_vertex: Tensor, splat_weight:
 # --- dispatch to one backend ------------------------------------------------------------------------
 
 
-def _extension_has_cuda_lattice() -> bool:
+def _extension_has_cuda_kernel(op: str) -> bool:
     return _backend.extension() is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "fastseg::ext_lattice_filter", "CUDA")
+        f"fastseg::{op}", "CUDA")
+
+
+def _extension_has_cuda_lattice() -> bool:
+    return _extension_has_cuda_kernel("ext_lattice_filter")
 
 
 def _build_into(features: Tensor) -> tuple[Tensor, ...]:
     impl = _backend.select("permutohedral_lattice", features.device)
     if impl == "extension":
-        if features.device.type == "cpu":
+        if features.device.type == "cpu" or _extension_has_cuda_kernel("ext_lattice_build"):
             return tuple(torch.ops.fastseg.ext_lattice_build(features))
-        # The build runs on the CPU (a sequential hash per image); the tables then move to the device.
+        # A CPU-only fastseg._C: build on the CPU and move the tables (the filter then takes the reference).
         tables = torch.ops.fastseg.ext_lattice_build(features.cpu())
         return tuple(t.to(features.device) for t in tables)
     return reference_lattice_build(features)

@@ -262,35 +262,6 @@ int64_t build_points(const at::Tensor& features, int64_t b, int d, KeyTable& tab
   return N;
 }
 
-[[noreturn]] void throw_bad_point(const at::Tensor& features, int64_t b, int64_t p) {
-  const int64_t d = features.size(1);
-  const at::Tensor point = features.select(0, b).select(1, p).to(at::kDouble).contiguous();
-  const double* v = point.const_data_ptr<double>();
-  std::ostringstream msg;
-  msg.precision(6);
-  bool finite = true;
-  double max_abs = 0;
-  msg << "(";
-  for (int64_t i = 0; i < d; ++i) {
-    msg << (i ? ", " : "") << v[i];
-    finite = finite && std::isfinite(v[i]);
-    max_abs = std::max(max_abs, std::fabs(v[i]));
-  }
-  msg << ")";
-  if (!finite) {
-    TORCH_CHECK_VALUE(false, "lattice_build: features must be finite, but image ", b, " point ", p, " has ",
-                      msg.str());
-  }
-  // |elevated| <= max|f| sqrt(2/3) (d + 1) (H_d + 1) <= max|f| sqrt(2/3) (d + 1) (2 + ln d)
-  const double safe = kMaxElevated / (0.816496580927726 * double(d + 1) * (2.0 + std::log(double(d))));
-  TORCH_CHECK_VALUE(false, "lattice_build: feature values too large for the int32 lattice keys: image ", b,
-                    " point ", p, " has features ", msg.str(), " (max |feature| ", max_abs,
-                    "); with d = ", d, " features, keep |feature| below about ", safe,
-                    ". Features are positions divided by the kernel's standard deviation (sigma): a tiny sigma "
-                    "or huge raw values (e.g. unscaled intensities or coordinates) overflow; use a larger sigma "
-                    "or rescale the features.");
-}
-
 // Phase 3 and 4 of one image, into the padded tables.
 template <typename F>
 void build_tables(const KeyTable& table, int64_t N, int d, int64_t Mmax, const int32_t* vertex, const F* weight,
@@ -353,15 +324,9 @@ void build_tables(const KeyTable& table, int64_t N, int d, int64_t Mmax, const i
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lattice_build_cpu(
     const at::Tensor& features) {
-  TORCH_CHECK(features.dim() == 3, "lattice_build: features must be [B, d, N], got ", features.sizes());
-  TORCH_CHECK(features.scalar_type() == at::kFloat || features.scalar_type() == at::kDouble,
-              "lattice_build: features must be float32 or float64, got ", features.scalar_type());
-  const int64_t B = features.size(0), d64 = features.size(1), N = features.size(2);
-  TORCH_CHECK_VALUE(d64 >= 1 && d64 <= kMaxDim, "lattice_build: the feature dimension d must be in 1..", kMaxDim,
-                    ", got ", d64);
-  const int d = static_cast<int>(d64), d1 = d + 1;
-  TORCH_CHECK_VALUE(N * d1 < std::numeric_limits<int32_t>::max(), "lattice_build: N * (d + 1) = ", N * d1,
-                    " splat entries per image exceed the int32 tables");
+  const BuildShape shape = check_build_args(features);
+  const int64_t B = shape.B, N = shape.N;
+  const int d = shape.d, d1 = d + 1;
   const auto int_opts = features.options().dtype(at::kInt);
   at::Tensor splat_vertex = at::empty({B, N, d1}, int_opts);
   at::Tensor splat_weight = at::empty({B, N, d1}, features.options());
