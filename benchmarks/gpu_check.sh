@@ -2,7 +2,7 @@
 # One-shot check on a lent GPU machine (H100 / H200, no internet, no git metadata): build fastseg._C in place,
 # run the GPU tests, run the side-by-side benchmark, and leave in $OUT:
 #   gpu_check.log                   everything printed
-#   gpu-tests.xml                   pytest's junit report of `pytest -m gpu tests`
+#   gpu-tests-cuda-kernels.xml, gpu-tests.xml   pytest's junit reports of the GPU tests (two processes)
 #   <YYYY-MM-DD>-<card>-<commit>.json / .png   the results file (shared/notes/results-format.md) and its plot
 # The last lines printed are a short summary: a lent device's reply carries only the end of the output.
 #
@@ -32,12 +32,13 @@ export PYTHONUNBUFFERED=1 # progress lines reach the log as they happen, and sur
 # pytest and the benchmark get SIGINT first, so they still write their junit report / partial results file.
 BUILD_LIMIT_S=${BUILD_LIMIT_S:-120}
 INFO_LIMIT_S=${INFO_LIMIT_S:-60}
-TESTS_LIMIT_S=${TESTS_LIMIT_S:-140}
+TESTS_LIMIT_S=${TESTS_LIMIT_S:-120} # the tests after the CUDA kernels' (CUDA_TESTS_LIMIT_S below)
 BENCH_LIMIT_S=${BENCH_LIMIT_S:-190}
 # The benchmark starts no case after this many seconds; the cases left become 'skipped' rows.
 BENCH_BUDGET_S=${BENCH_BUDGET_S:-150}
 
 COMMIT=${FASTSEG_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+CUDA_TESTS_XML=$OUT/gpu-tests-cuda-kernels.xml
 TESTS_XML=$OUT/gpu-tests.xml
 STEP_LINES=()
 FAILED_STEPS=0
@@ -113,25 +114,38 @@ probe_error_path() {
     return "$rc"
 }
 
-# The GPU tests whose kernels no CPU test can run come first (the CUDA lattice and CRF), so that a run cut
-# by its time limit still reports them; every other test file follows. (Files are named one by one: given
-# the tests folder as well, pytest runs everything in the folder's order.)
-GPU_TEST_ORDER=(tests/test_lattice.py tests/test_crf.py tests/test_max_pool.py tests/test_conv.py)
+# The GPU tests run in two pytest processes: first those of the compiled CUDA kernels that no CPU test can run
+# (the lattice and the dense CRF), so that a run cut by its time limit still reports them, and so that a fault
+# in them (an illegal memory access leaves the process's CUDA context unusable) cannot fail the other tests;
+# then every other test file.
+CUDA_KERNEL_TESTS=(tests/test_lattice.py tests/test_crf.py tests/test_crf_fused.py)
+GPU_TEST_ORDER=(tests/test_max_pool.py tests/test_conv.py)
+CUDA_TESTS_LIMIT_S=${CUDA_TESTS_LIMIT_S:-60}
 
-gpu_test_files() {
+other_test_files() {
     local file
     printf '%s\n' "${GPU_TEST_ORDER[@]}"
     for file in tests/test_*.py; do
-        [[ " ${GPU_TEST_ORDER[*]} " == *" $file "* ]] || echo "$file"
+        [[ " ${CUDA_KERNEL_TESTS[*]} ${GPU_TEST_ORDER[*]} " == *" $file "* ]] || echo "$file"
     done
 }
 
+# run_pytest LIMIT JUNIT FILES...: the GPU-marked tests of FILES (named one by one: given the tests folder as
+# well, pytest runs everything in the folder's order).
+run_pytest() {
+    local limit=$1 junit=$2
+    shift 2
+    rm -f "$junit" # a report left by an earlier run must not be counted as this one's
+    timeout --signal=INT --kill-after=15 "$limit" \
+        "$PYTHON" -m pytest -m gpu "$@" -q -rs --continue-on-collection-errors --junitxml="$junit"
+}
+
 run_gpu_tests() {
-    local files
-    rm -f "$TESTS_XML" # a report left by an earlier run must not be counted as this one's
-    mapfile -t files < <(gpu_test_files)
-    timeout --signal=INT --kill-after=15 "$TESTS_LIMIT_S" \
-        "$PYTHON" -m pytest -m gpu "${files[@]}" -q -rs --continue-on-collection-errors --junitxml="$TESTS_XML"
+    local files rc=0
+    run_pytest "$CUDA_TESTS_LIMIT_S" "$CUDA_TESTS_XML" "${CUDA_KERNEL_TESTS[@]}" || rc=$?
+    mapfile -t files < <(other_test_files)
+    run_pytest "$TESTS_LIMIT_S" "$TESTS_XML" "${files[@]}" || rc=$?
+    return "$rc"
 }
 
 # Short lower-case card name (h100, h200) for the results file name; "gpu" if fastseg cannot be imported.
@@ -140,8 +154,11 @@ card_name() {
 }
 
 run_benchmark() {
-    local tests_args=()
-    [[ -f $TESTS_XML ]] && tests_args=(--tests-junit "$TESTS_XML")
+    local tests_args=() junit
+    for junit in "$CUDA_TESTS_XML" "$TESTS_XML"; do
+        [[ -f $junit ]] && tests_args+=("$junit")
+    done
+    ((${#tests_args[@]} == 0)) || tests_args=(--tests-junit "${tests_args[@]}")
     timeout --signal=INT --kill-after=30 "$BENCH_LIMIT_S" \
         "$PYTHON" -m fastseg bench --budget-s "$BENCH_BUDGET_S" --commit "$COMMIT" \
         --json "$RESULTS_STEM.json" --plot "$RESULTS_STEM.png" "${tests_args[@]}"
@@ -157,7 +174,7 @@ print_summary() {
     else
         echo "no results file was written"
     fi
-    echo "logs: $OUT/gpu_check.log, tests: $TESTS_XML"
+    echo "logs: $OUT/gpu_check.log, tests: $CUDA_TESTS_XML $TESTS_XML"
     printf '%-12s %-18s %6s\n' step status time
     printf '%s\n' "${STEP_LINES[@]}"
     if ((FAILED_STEPS > 0)); then

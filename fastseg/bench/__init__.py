@@ -60,8 +60,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of the speedups here (needs matplotlib)")
     parser.add_argument("--commit", help="commit recorded in the results file "
                                          "(default: git rev-parse --short HEAD, else $FASTSEG_COMMIT, else unknown)")
-    parser.add_argument("--tests-junit", metavar="PATH",
-                        help="pytest --junitxml file whose passed/failed/skipped counts go into the results file")
+    parser.add_argument("--tests-junit", metavar="PATH", nargs="+",
+                        help="pytest --junitxml files whose summed passed/failed/skipped counts go into the results "
+                             "file")
     parser.add_argument("--list", action="store_true", help="print the cases and exit")
     return parser.parse_args(argv)
 
@@ -108,11 +109,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     commit = args.commit or harness.git_commit()
     tests = None
-    if args.tests_junit:
+    for path in args.tests_junit or ():
         try:
-            tests = harness.tests_from_junit(args.tests_junit)
+            counts = harness.tests_from_junit(path)
         except (OSError, ParseError) as error:  # e.g. pytest killed mid-write
-            print(f"no test counts: {args.tests_junit}: {harness.describe_error(error)}", flush=True)
+            print(f"no test counts from {path}: {harness.describe_error(error)}", flush=True)
+            continue
+        tests = counts if tests is None else {key: tests[key] + counts[key] for key in counts}
 
     if args.threads:
         torch.set_num_threads(args.threads)
