@@ -221,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (B * N == 0) {
     return {splat_vertex, splat_weight, at::empty({B, d1, 0, 2}, int_opts),
             at::zeros({B}, features.options().dtype(at::kLong)), at::zeros({B, 1}, int_opts),
-            at::empty({B, 0}, int_opts), at::empty({B, 0}, features.options())};
+            at::empty({B, E}, int_opts), at::empty({B, E}, features.options())};
   }
   int64_t capacity = 1;
   while (capacity < 2 * E) {
