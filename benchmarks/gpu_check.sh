@@ -4,6 +4,7 @@
 #   gpu_check.log                   everything printed
 #   gpu-tests-cuda-kernels.xml, gpu-tests.xml   pytest's junit reports of the GPU tests (two processes)
 #   <YYYY-MM-DD>-<card>-<commit>.json / .png   the results file (shared/notes/results-format.md) and its plot
+#   <YYYY-MM-DD>-<card>-<commit>-crf.png       the dense CRF's time against image size and number of labels
 # The last lines printed are a short summary: a lent device's reply carries only the end of the output.
 #
 #   FASTSEG_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh

@@ -2,7 +2,9 @@
 
 Each group of ops is one module that exposes `cases(device, dtypes, quick) -> list[harness.Case]`; a new op
 joins the benchmark by adding its module to OP_GROUPS. The harness times every case, checks fastseg's
-result against the reference's, and writes the rows of shared/notes/results-format.md.
+result against the reference's, and writes the rows of shared/notes/results-format.md. A group may also expose
+`write_plot(path, rows, title, device) -> bool` (False without matplotlib): with `--plot PATH` its own plot is
+written beside the speedup plot, as <PATH stem>-<group>.png.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import importlib
 import sys
 import time
+from pathlib import Path
 from typing import Callable, ContextManager, Sequence
 from xml.etree.ElementTree import ParseError
 
@@ -57,7 +60,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--budget-s", type=float,
                         help="start no case once the cases have run this many seconds; the rest become 'skipped' rows")
     parser.add_argument("--json", metavar="PATH", help="write the results file here")
-    parser.add_argument("--plot", metavar="PATH", help="write a PNG of the speedups here (needs matplotlib)")
+    parser.add_argument("--plot", metavar="PATH",
+                        help="write a PNG of the speedups here, and beside it <stem>-crf.png (time against image "
+                             "size and labels) when the crf group runs (needs matplotlib)")
     parser.add_argument("--commit", help="commit recorded in the results file "
                                          "(default: git rev-parse --short HEAD, else $FASTSEG_COMMIT, else unknown)")
     parser.add_argument("--tests-junit", metavar="PATH", nargs="+",
@@ -79,6 +84,12 @@ def collect_cases(ops: Sequence[str], device: torch.device, dtypes: Sequence[tor
                     case.reference.startswith("torch.compile"), group), case) for case in group_cases]
     cases.sort(key=lambda ranked: ranked[0])  # stable: each op keeps its own order within a rank
     return [case for _, case in cases if label_filter in case.label]
+
+
+def group_plot_path(plot: str, group: str) -> Path:
+    """Where a group's own plot goes: beside the speedup plot, its name suffixed with -<group>."""
+    path = Path(plot)
+    return path.with_name(f"{path.stem}-{group}{path.suffix or '.png'}")
 
 
 def backend_context(name: str) -> Callable[[], ContextManager]:
@@ -161,6 +172,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"plot written to {args.plot}")
         else:
             print("no plot: matplotlib is not installed")
+        for op in args.ops:
+            write_plot = getattr(importlib.import_module(OP_GROUPS[op]), "write_plot", None)
+            if write_plot is None:
+                continue
+            path = group_plot_path(args.plot, op)
+            if write_plot(path, rows, title, device):
+                print(f"{op} plot written to {path}")
+            else:
+                print(f"no {op} plot: matplotlib is not installed")
     failed = [row for row in rows if harness.row_failed(row)]
     if failed:
         print(f"{len(failed)} of {len(rows)} cases failed or mismatched", flush=True)
