@@ -34,8 +34,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # do_bench's warm-up and repeat windows, in milliseconds of device time per timed callable.
 CUDA_WARMUP_MS = 20
 CUDA_REP_MS = 100
-# CPU: repeat until this much wall time has passed, within these bounds on the number of repeats.
+# CPU: repeat until this much wall time has passed, within these bounds on the number of repeats; calls slow
+# enough to spend CPU_SLOW_BUDGET_S before CPU_MIN_REPEATS stop there (at least 2 repeats: seconds-long
+# references such as pydensecrf vary by a few percent, and every repeat costs the run seconds).
 CPU_TIME_BUDGET_S = 0.25
+CPU_SLOW_BUDGET_S = 2.0
 CPU_MIN_REPEATS = 5
 CPU_MAX_REPEATS = 200
 
@@ -54,21 +57,19 @@ def time_ms(fn: Callable[[], Any], device: torch.device) -> float:
             return float(do_bench(fn, warmup=CUDA_WARMUP_MS, rep=CUDA_REP_MS, return_mode="median"))
     times = []
     start = time.perf_counter()
-    while len(times) < CPU_MIN_REPEATS or (
-        len(times) < CPU_MAX_REPEATS and time.perf_counter() - start < CPU_TIME_BUDGET_S
-    ):
+    while len(times) < 2 or (
+        len(times) < CPU_MIN_REPEATS and time.perf_counter() - start < CPU_SLOW_BUDGET_S
+    ) or (len(times) < CPU_MAX_REPEATS and time.perf_counter() - start < CPU_TIME_BUDGET_S):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
 
 
-def run_and_measure_peak(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float | None]:
-    """Run `fn` once; return its result and the device memory it allocated at its peak above what was
-    already allocated before the call (outputs, workspace, tensors saved for backward, gradients), in MB.
-    None on CPU, where no allocator statistics exist."""
-    if device.type != "cuda":
-        return fn(), None
+def run_and_measure_peak(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
+    """Run `fn` once on CUDA `device`; return its result and the device memory it allocated at its peak above
+    what was already allocated before the call (outputs, workspace, tensors saved for backward, gradients), in
+    MB."""
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -140,6 +141,9 @@ class Workload:
     fastseg_forward_for_backward: Callable[[], Any] | None = None
     # Floating-point operations of one fastseg call, for compute-bound ops (TFLOP/s = this / fastseg's time).
     fastseg_flops: int | None = None
+    # The reference runs on the CPU whatever the bench's device (pydensecrf, fastseg's C++ path): timed by the
+    # CPU clock, not with CUDA events (whose do_bench would repeat a seconds-long call several more times).
+    reference_on_cpu: bool = False
 
 
 @dataclass
@@ -247,14 +251,18 @@ def measure(
     device: torch.device,
     context: Callable[[], ContextManager] = contextlib.nullcontext,
 ) -> Measurement:
-    """Inside `context`: a first call compiles and warms up; then the timing; then one more call for peak
-    memory, whose result is kept for the correctness check; then the bytes saved for backward."""
+    """Inside `context`: a first call compiles and warms up; then the timing; on CUDA one more call for peak
+    memory, whose result is kept for the correctness check (on the CPU, which has no allocator statistics,
+    the first call's); then the bytes saved for backward."""
     measurement = Measurement()
     try:
         with context():
-            fn()
+            first = fn()
             measurement.ms = time_ms(fn, device)
-            measurement.result, measurement.peak_MB = run_and_measure_peak(fn, device)
+            if device.type == "cuda":
+                measurement.result, measurement.peak_MB = run_and_measure_peak(fn, device)
+            else:
+                measurement.result = first
             if forward_for_backward is not None:
                 measurement.saved_bytes = saved_for_backward_bytes(forward_for_backward)
     except Exception as error:
@@ -277,7 +285,8 @@ def run_case(case: Case, device: torch.device, fastseg_context: Callable[[], Con
         row.notes.append(f"setup failed: {describe_error(error)}")
         return row
 
-    reference = measure(workload.reference, workload.reference_forward_for_backward, device)
+    reference_device = torch.device("cpu") if workload.reference_on_cpu else device
+    reference = measure(workload.reference, workload.reference_forward_for_backward, reference_device)
     fastseg = measure(workload.fastseg, workload.fastseg_forward_for_backward, device, fastseg_context)
     if reference.result is not None and fastseg.result is not None:
         try:
