@@ -1,6 +1,6 @@
 // The schemas of every fastseg C++ op, and the Python module fastseg._C.
 //
-// The kernels live beside their math (csrc/pool/{cpu,cuda}, csrc/lattice/{cpu,cuda}, csrc/crf/cpu) and register
+// The kernels live beside their math (csrc/pool/{cpu,cuda}, csrc/lattice/{cpu,cuda}, csrc/crf/{cpu,cuda}) and register
 // against these schemas with TORCH_LIBRARY_IMPL; fake (meta) implementations are registered from Python.
 // Importing fastseg._C loads this shared library, which runs all the registrations.
 #include <torch/extension.h>
@@ -56,20 +56,26 @@ TORCH_LIBRARY(fastseg, m) {
       "Tensor num_vertices, Tensor splat_offsets, Tensor splat_points, Tensor splat_points_weight, bool reverse) "
       "-> Tensor");
 
-  // Dense-CRF mean-field inference (csrc/crf, CPU), every iteration in one call; inference only (no autograd:
-  // fastseg/ops/crf.py uses it when nothing requires grad). logits [B, L, N] (float32/float64, any strides)
-  // and K pairwise terms, term k given by the lattice tables splat_vertex[k], splat_weight[k] (the logits'
-  // dtype), blur_neighbors[k], num_vertices[k] of ext_lattice_build over B or 1 images (one image: the lattice
-  // serves the whole batch), pydensecrf's normalization[k] ("symmetric", "before", "after" or "none"), a
-  // weight[k] and compat[k] (None: Potts, or an [L, L] matrix M_k of the logits' dtype). Returns the
-  // contiguous [B, L, N] marginals: Q = softmax(logits), then `iterations` times
+  // Dense-CRF mean-field inference (csrc/crf: CPU and CUDA kernels), every iteration in one call; inference
+  // only (no autograd: fastseg/ops/crf.py uses it when nothing requires grad). logits [B, L, N] (float32/float64,
+  // any strides) and K pairwise terms, term k given by the seven lattice tables of ext_lattice_build over B or
+  // 1 images (one image: the lattice serves the whole batch), splat_vertex[k] ... splat_points_weight[k] (the
+  // weights in the logits' dtype; all on the logits' device, num_vertices also on the CPU), pydensecrf's
+  // normalization[k] ("symmetric", "before", "after" or "none"), a weight[k] and compat[k] (None: Potts, or an
+  // [L, L] matrix M_k of the logits' dtype and device). Returns the contiguous [B, L, N] marginals:
+  // Q = softmax(logits), then `iterations` times
   //   m_k = weight_k * post_k * lattice_filter_k(pre_k * Q)
   //   Q = softmax over L of (logits + sum_{Potts k} m_k - sum_{matrix k} M_k m_k)
   // with n_k = lattice_filter_k(1): "symmetric" pre = post = 1 / sqrt(n_k + 1e-20), "before" pre = 1 / (n_k +
-  // 1e-20), "after" post = 1 / (n_k + 1e-20) (absent scales are 1).
+  // 1e-20), "after" post = 1 / (n_k + 1e-20) (absent scales are 1). As for ext_lattice_filter, the CPU kernel
+  // splats by scattering through (splat_vertex, splat_weight) and only checks the CSR tables' shapes; the CUDA
+  // kernel gathers through the CSR (no atomics: deterministic) and does not read num_vertices (no host
+  // synchronisation), clamping every id into its padded table instead of validating it, so malformed tables
+  // give wrong numbers there, never out-of-bounds accesses.
   m.def(
       "ext_crf_mean_field(Tensor logits, Tensor[] splat_vertex, Tensor[] splat_weight, Tensor[] blur_neighbors, "
-      "Tensor[] num_vertices, str[] normalization, float[] weight, Tensor?[] compat, int iterations) -> Tensor");
+      "Tensor[] num_vertices, Tensor[] splat_offsets, Tensor[] splat_points, Tensor[] splat_points_weight, "
+      "str[] normalization, float[] weight, Tensor?[] compat, int iterations) -> Tensor");
 }
 
 namespace {

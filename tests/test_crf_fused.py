@@ -1,8 +1,9 @@
-"""The dense CRF's fused CPU inference: ext_crf_mean_field (every mean-field iteration, and the normalisations,
-in one C++ call) against the differentiable torch loop of fastseg.ops.crf.mean_field, on real lattices; its
-errors, its determinism across thread counts, both of its SIMD targets, and when mean_field takes it.
+"""The dense CRF's fused inference: ext_crf_mean_field (every mean-field iteration, and the normalisations,
+in one call) against the differentiable torch loop of fastseg.ops.crf.mean_field, on real lattices; its
+errors, its determinism across thread counts, both of the CPU kernel's SIMD targets, and when mean_field takes
+it. The CUDA kernel's tests (marked gpu) compare it with the CPU kernel and the torch loop.
 
-The op allocates its output; the tests first free a NaN-filled block of the output's size so that the
+The op allocates its output; the CPU tests first free a NaN-filled block of the output's size so that the
 allocator is likely to hand the op poisoned memory, which the op must overwrite entirely.
 """
 
@@ -30,9 +31,11 @@ def _poison_heap(numel, dtype):
     torch.full((numel,), float("nan"), dtype=dtype)
 
 
-def _terms(B, spatial, dtype, normalization="symmetric", compat="potts", L=None, shared_gaussian=True, seed=0):
+def _terms(B, spatial, dtype, normalization="symmetric", compat="potts", L=None, shared_gaussian=True, seed=0,
+           device="cpu"):
     """A Gaussian term over the grid (one lattice for the batch when shared_gaussian) and a bilateral one per
-    image, as dense_crf builds them, with the given normalisation and compatibility."""
+    image, as dense_crf builds them, with the given normalisation and compatibility; the same seed gives the
+    same terms on every device."""
     g = torch.Generator().manual_seed(seed)
     N = 1
     for s in spatial:
@@ -44,10 +47,10 @@ def _terms(B, spatial, dtype, normalization="symmetric", compat="potts", L=None,
     compat_of = {
         "potts": lambda w: w,
         "tensor_weight": lambda w: torch.tensor(w, dtype=torch.float64),
-        "diagonal": lambda w: -w * torch.rand(L, generator=g, dtype=dtype),
-        "matrix": lambda w: w * torch.randn(L, L, generator=g, dtype=dtype),
+        "diagonal": lambda w: -w * torch.rand(L, generator=g, dtype=dtype).to(device),
+        "matrix": lambda w: w * torch.randn(L, L, generator=g, dtype=dtype).to(device),
     }[compat]
-    return [crf_ops.PairwiseTerm.build(f.contiguous(), compat_of(w), normalization)
+    return [crf_ops.PairwiseTerm.build(f.contiguous().to(device), compat_of(w), normalization)
             for f, w in ((gaussian, 3.0), (bilateral, 5.0))]
 
 
@@ -124,7 +127,7 @@ def test_many_chunks_and_thread_counts(monkeypatch):
 def test_extremes():
     """Huge logit gaps: exp underflows to 0 for the losers, never NaN; no terms: softmax."""
     logits = torch.tensor([[[0.0], [-200.0], [100.0], [100.0], [-1e4]]])
-    q = torch.ops.fastseg.ext_crf_mean_field(logits, [], [], [], [], [], [], [], 3)
+    q = torch.ops.fastseg.ext_crf_mean_field(logits, [], [], [], [], [], [], [], [], [], [], 3)
     torch.testing.assert_close(q, torch.softmax(logits, 1), rtol=1e-6, atol=1e-30)
 
 
@@ -152,6 +155,21 @@ def test_baseline_simd_target():
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
+def _op_args(logits, terms, iterations, normalization=None, weight=None, compat=None):
+    """ext_crf_mean_field's arguments for these terms (as _mean_field_fused passes them, unless overridden)."""
+    fused = [crf_ops._FusedTerm(t, logits.dtype) for t in terms]
+    return (logits, *([list(f.tables)[i] for f in fused] for i in range(7)),
+            list(normalization or [f.normalization for f in fused]), list(weight or [f.weight for f in fused]),
+            list(compat or [f.compat for f in fused]), iterations)
+
+
+def _call_with(args, term, table, value):
+    """ext_crf_mean_field(*args) with table `table` (0..6) of term `term` replaced."""
+    tables = list(args[1 + table])
+    tables[term] = value
+    return torch.ops.fastseg.ext_crf_mean_field(*args[:1 + table], tables, *args[2 + table:])
+
+
 def test_errors():
     terms = _terms(1, (5, 6), torch.float32)
     tables = [f.tables for f in (crf_ops._FusedTerm(t, torch.float32) for t in terms)]
@@ -159,10 +177,16 @@ def test_errors():
 
     def call(lg=logits, tabs=tables, normalization=("symmetric", "symmetric"), weight=(1.0, 1.0),
              compat=(None, None), iterations=2):
-        return torch.ops.fastseg.ext_crf_mean_field(lg, *([t[i] for t in tabs] for i in range(4)),
+        return torch.ops.fastseg.ext_crf_mean_field(lg, *([t[i] for t in tabs] for i in range(7)),
                                                     list(normalization), list(weight), list(compat), iterations)
 
     call()
+    args = _op_args(logits, terms, 2)
+    for table, name in ((4, "splat_offsets"), (5, "splat_points"), (6, "splat_points_weight")):
+        with pytest.raises(RuntimeError, match=f"term 1's {name} must be"):
+            _call_with(args, 1, table, args[1 + table][1][:, :-1])
+    with pytest.raises(RuntimeError, match="one entry per term"):  # the CSR lists count too
+        torch.ops.fastseg.ext_crf_mean_field(*args[:5], args[5][:1], *args[6:])
     with pytest.raises(RuntimeError, match="normalization\\[1\\]"):
         call(normalization=("symmetric", "sideways"))
     with pytest.raises(RuntimeError, match="one entry per term"):
@@ -279,5 +303,156 @@ def test_fake_impl():
 
     with FakeTensorMode():
         logits = torch.empty(2, 3, 10)
-        q = torch.ops.fastseg.ext_crf_mean_field(logits, [], [], [], [], [], [], [], 4)
+        q = torch.ops.fastseg.ext_crf_mean_field(logits, [], [], [], [], [], [], [], [], [], [], 4)
         assert q.shape == (2, 3, 10)
+
+
+def test_opcheck():
+    terms = _terms(2, (6, 7), torch.float64, compat="matrix", L=3)
+    args = _op_args(torch.randn(2, 3, 42, dtype=torch.float64), terms, 2)
+    torch.library.opcheck(torch.ops.fastseg.ext_crf_mean_field.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CUDA: the CUDA kernel against the CPU kernel and the torch loop (lattices built on the CPU, tables moved)
+# --------------------------------------------------------------------------------------------------------------
+CUDA = torch.device("cuda")
+
+
+def _skip_without_cuda_kernel():
+    if not crf_ops._fused_kernel_runs_on(CUDA):
+        pytest.skip("fastseg._C was built without the CUDA kernel of ext_crf_mean_field")
+
+
+def _check_cuda(logits, terms_cpu, terms_cuda, iterations, monkeypatch):
+    """The CUDA op on logits.cuda() against the CPU op and against the torch loop on CUDA."""
+    q = crf_ops._mean_field_fused(logits.cuda(), terms_cuda, iterations)
+    B, L, N = logits.shape
+    assert q.device.type == "cuda" and q.shape == (B, L, N) and q.dtype == logits.dtype and q.is_contiguous()
+    assert bool(torch.isfinite(q).all())
+    torch.testing.assert_close(q.sum(1), torch.ones(B, N, dtype=q.dtype, device=q.device), **_tol(q.dtype))
+    torch.testing.assert_close(q.cpu(), crf_ops._mean_field_fused(logits, terms_cpu, iterations), **_tol(q.dtype))
+    torch.testing.assert_close(q, _torch_loop(logits.cuda(), terms_cuda, iterations, monkeypatch), **_tol(q.dtype))
+    return q
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("normalization", ["symmetric", "before", "after", "none"])
+@pytest.mark.parametrize("compat", ["potts", "matrix"])
+def test_cuda_matches_cpu_and_torch_loop(dtype, normalization, compat, monkeypatch):
+    """B = 2, odd N; 2-D and 3-D; a Gaussian lattice of one image shared by the batch, or one per image."""
+    _skip_without_cuda_kernel()
+    for L, spatial, shared_gaussian in ((3, (9, 13), True), (21, (5, 7, 9), True), (21, (9, 13), False)):
+        N = 1
+        for s in spatial:
+            N *= s
+        kw = dict(normalization=normalization, compat=compat, L=L, shared_gaussian=shared_gaussian)
+        terms_cpu = _terms(2, spatial, dtype, **kw)
+        terms_cuda = _terms(2, spatial, dtype, device="cuda", **kw)
+        logits = 3 * torch.randn(2, L, N, dtype=dtype)
+        assert crf_ops._can_fuse(logits.cuda(), terms_cuda)
+        assert not crf_ops._can_fuse(logits.cuda().requires_grad_(), terms_cuda)  # autograd: the torch loop
+        with fastseg.backend("reference"):
+            assert not crf_ops._can_fuse(logits.cuda(), terms_cuda)
+        for iterations in (0, 1, 5):
+            _check_cuda(logits, terms_cpu, terms_cuda, iterations, monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_label_counts_and_many_terms(dtype, monkeypatch):
+    """Every label layout of the update kernel (one label per lane, 2 and 4 per lane, and more than fit in
+    registers) and more Potts terms than the update slices itself (the others go through the message buffer),
+    mixed with matrix terms."""
+    _skip_without_cuda_kernel()
+    spatial, N = (7, 11), 77
+    for L in (1, 5, 40, 70, 300):
+        terms_cpu = _terms(2, spatial, dtype, L=L)
+        terms_cuda = _terms(2, spatial, dtype, L=L, device="cuda")
+        _check_cuda(3 * torch.randn(2, L, N, dtype=dtype), terms_cpu * 3, terms_cuda * 3, 3, monkeypatch)
+    L = 6
+    potts = (_terms(2, spatial, dtype, L=L), _terms(2, spatial, dtype, L=L, device="cuda"))
+    matrix = (_terms(2, spatial, dtype, "after", "matrix", L, seed=1),
+              _terms(2, spatial, dtype, "after", "matrix", L, seed=1, device="cuda"))
+    _check_cuda(3 * torch.randn(2, L, N, dtype=dtype), potts[0] * 2 + matrix[0], potts[1] * 2 + matrix[1], 3,
+                monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_dense_crf_matches_cpu(dtype, monkeypatch):
+    """dense_crf on CUDA takes the fused path and agrees with the CPU's."""
+    _skip_without_cuda_kernel()
+    L = 21
+    logits, image = _crf_inputs(2, L, (37, 45), dtype)
+    matrix = torch.randn(L, L, dtype=dtype)
+    for compat in (None, matrix):
+        q_cpu = _run(logits, image, True, monkeypatch, compatibility=compat)
+        q_cuda = _run(logits.cuda(), image.cuda(), True, monkeypatch,
+                      compatibility=None if compat is None else compat.cuda())
+        assert q_cuda.device.type == "cuda" and q_cuda.dtype == dtype
+        agreement = (q_cuda.argmax(1).cpu() == q_cpu.argmax(1)).double().mean().item()
+        assert agreement >= 0.999, agreement
+        mean_dq = (q_cuda.cpu() - q_cpu).abs().mean().item()
+        assert mean_dq < (1e-5 if dtype == torch.float32 else 1e-12), mean_dq
+
+
+@pytest.mark.gpu
+def test_cuda_side_stream_and_determinism():
+    """The op runs on the current stream (a side stream here) and gathers only: the same bits every time."""
+    _skip_without_cuda_kernel()
+    terms = _terms(2, (20, 23), torch.float32, compat="matrix", L=5, device="cuda")
+    args = _op_args(3 * torch.randn(2, 5, 460, device="cuda"), terms, 4)
+    expected = torch.ops.fastseg.ext_crf_mean_field(*args)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        q = torch.ops.fastseg.ext_crf_mean_field(*args)
+        again = torch.ops.fastseg.ext_crf_mean_field(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(q, expected) and torch.equal(again, expected)
+
+
+@pytest.mark.gpu
+def test_cuda_errors_and_malformed_tables():
+    """Wrong shapes, dtypes and devices raise on the host; out-of-range ids (which the CUDA kernel does not
+    validate) are clamped: wrong numbers, no crash."""
+    _skip_without_cuda_kernel()
+    terms = _terms(1, (5, 6), torch.float32, device="cuda")
+    args = _op_args(torch.randn(1, 4, 30, device="cuda"), terms, 2)
+    op = torch.ops.fastseg.ext_crf_mean_field
+    op(*args)
+    with pytest.raises(RuntimeError, match="device"):
+        _call_with(args, 0, 0, args[1][0].cpu())
+    with pytest.raises(RuntimeError, match="splat CSR must be on the logits' device"):
+        _call_with(args, 1, 5, args[6][1].cpu())
+    with pytest.raises(RuntimeError, match="term 0's splat_offsets must be"):
+        _call_with(args, 0, 4, args[5][0][:, 1:])
+    with pytest.raises(RuntimeError, match="dtype"):
+        _call_with(args, 1, 6, args[7][1].double())
+    with pytest.raises(RuntimeError, match="logits must be on the CUDA"):
+        op(args[0].cpu(), *args[1:])
+    with pytest.raises(RuntimeError, match="compat\\[1\\] must be a CUDA tensor"):
+        op(*args[:10], [None, torch.eye(4)], args[11])
+    with pytest.raises(RuntimeError, match="normalization\\[0\\]"):
+        op(*args[:8], ["sideways", "none"], *args[9:])
+    bad = [t.clone() for t in (args[1][0], args[3][0], args[5][0], args[6][0])]
+    bad[0][0, 3, 1] = 10**6  # splat_vertex
+    bad[1][0, 0, 0, 1] = 10**6  # blur_neighbors
+    bad[2][0, 2] = 2**31 - 1  # splat_offsets
+    bad[3][0, 5] = -7  # splat_points
+    for table, value in zip((0, 2, 4, 5), bad):
+        q = _call_with(args, 0, table, value)
+        torch.cuda.synchronize()  # an out-of-bounds access would surface here
+        assert q.shape == (1, 4, 30)
+
+
+@pytest.mark.gpu
+def test_cuda_opcheck():
+    _skip_without_cuda_kernel()
+    terms = _terms(2, (6, 7), torch.float64, compat="matrix", L=3, device="cuda")
+    args = _op_args(torch.randn(2, 3, 42, dtype=torch.float64, device="cuda"), terms, 2)
+    torch.library.opcheck(torch.ops.fastseg.ext_crf_mean_field.default, args,
+                          test_utils=("test_schema", "test_faketensor"))

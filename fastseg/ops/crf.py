@@ -19,8 +19,14 @@ x is the column (last axis), y the row, z the depth, in that order (pydensecrf's
 lattice approximation is not invariant under permuting features).
 
 Each kernel's lattice is built once per call (the Gaussian one once for the whole batch: it depends only on
-the grid) and reused by every iteration. The compute is torch ops over PermutohedralLattice.filter, so
-autograd reaches the logits, the kernel weights and the compatibility matrix.
+the grid) and reused by every iteration. Two implementations of the iterations:
+
+- inference (nothing requires grad), with the compiled extension selected for the lattice, on CPU or CUDA
+  float32/float64 tensors (CUDA: when fastseg._C has the CUDA kernel): one call of the fused op
+  ext_crf_mean_field, which runs every iteration and the normalisations in C++/CUDA (the CPU kernel keeps Q in
+  its lattices, the CUDA kernel on the device, with no host synchronisation);
+- otherwise (autograd, the reference backend, other devices): torch ops over PermutohedralLattice.filter, so
+  autograd reaches the logits, the kernel weights and the compatibility matrix.
 """
 
 from __future__ import annotations
@@ -78,7 +84,7 @@ class PairwiseTerm:
 
     def _normalizers(self) -> tuple[Tensor | None, Tensor | None]:
         """(pre, post), each [B_lat, N, 1] or None, from the filtered ones; computed on first use (the fused
-        CPU path computes them in C++ instead)."""
+        path computes them in the op instead)."""
         if self._scales is None:
             pre = post = None
             if self.normalization != "none":
@@ -143,11 +149,19 @@ class PairwiseTerm:
         return torch.add(acc, filtered, alpha=c)
 
 
-# --- the fused inference path (CPU extension, no autograd) ------------------------------------------------
+# --- the fused inference path (the extension's CPU and CUDA kernels, no autograd) --------------------------
 
 
 def _fused_ops_available() -> bool:
     return _backend.extension() is not None and hasattr(torch.ops.fastseg, "ext_crf_mean_field")
+
+
+def _fused_kernel_runs_on(device: torch.device) -> bool:
+    """Whether ext_crf_mean_field has a kernel for `device` (CUDA: only in a build with the CUDA kernels)."""
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "fastseg::ext_crf_mean_field", "CUDA")
 
 
 def _register_extension_fakes() -> None:
@@ -163,13 +177,16 @@ _register_extension_fakes()
 
 
 def _can_fuse(logits: Tensor, terms: Sequence[PairwiseTerm]) -> bool:
-    """The fused path serves inference: CPU tensors, the extension selected for the lattice, real
-    PermutohedralLattices (tests substitute exact filters), and nothing that autograd would have to reach."""
+    """The fused path serves inference: float32/float64 tensors on a device the op has a kernel for (CPU, and
+    CUDA in a build with the CUDA kernels), the extension selected for the lattice, real PermutohedralLattices
+    (tests substitute exact filters), and nothing that autograd would have to reach."""
     from fastseg.ops.lattice import PermutohedralLattice
 
-    if logits.device.type != "cpu" or logits.dtype not in (torch.float32, torch.float64):
+    if logits.dtype not in (torch.float32, torch.float64):
         return False
-    if not _fused_ops_available() or _backend.select("permutohedral_lattice", logits.device) != "extension":
+    if not _fused_ops_available() or not _fused_kernel_runs_on(logits.device):
+        return False
+    if _backend.select("permutohedral_lattice", logits.device) != "extension":
         return False
     if torch.is_grad_enabled() and (logits.requires_grad or any(
             isinstance(t.compat, Tensor) and t.compat.requires_grad for t in terms)):
@@ -178,12 +195,13 @@ def _can_fuse(logits: Tensor, terms: Sequence[PairwiseTerm]) -> bool:
 
 
 class _FusedTerm:
-    """A PairwiseTerm as ext_crf_mean_field takes it: the lattice tables the CPU filter reads, the
-    normalisation (which the op computes), a weight (Potts: w; a matrix compatibility: 1) and the matrix
-    (None for Potts)."""
+    """A PairwiseTerm as ext_crf_mean_field takes it: the seven lattice tables (the CPU kernel scatters through
+    the first four, the CUDA kernel gathers through the splat CSR), the normalisation (which the op computes),
+    a weight (Potts: w; a matrix compatibility: 1) and the matrix (None for Potts)."""
 
     def __init__(self, term: PairwiseTerm, dtype: torch.dtype):
-        self.tables = term.lattice._tables_for(dtype)[:4]  # splat_vertex, splat_weight, blur_neighbors, num_vertices
+        # splat_vertex, splat_weight, blur_neighbors, num_vertices, splat_offsets, splat_points, splat_points_weight
+        self.tables = term.lattice._tables_for(dtype)
         self.normalization = term.normalization
         c = term.compat
         if isinstance(c, Tensor) and c.dim() == 0:
@@ -196,9 +214,9 @@ class _FusedTerm:
 
 
 def _mean_field_fused(logits: Tensor, terms: Sequence[PairwiseTerm], iterations: int) -> Tensor:
-    """mean_field as one ext_crf_mean_field call: every iteration in C++, Q kept in the lattices."""
+    """mean_field as one ext_crf_mean_field call: every iteration in C++ (CPU) or CUDA."""
     fused = [_FusedTerm(t, logits.dtype) for t in terms]
-    return torch.ops.fastseg.ext_crf_mean_field(logits, *([f.tables[i] for f in fused] for i in range(4)),
+    return torch.ops.fastseg.ext_crf_mean_field(logits, *([f.tables[i] for f in fused] for i in range(7)),
                                                 [f.normalization for f in fused], [f.weight for f in fused],
                                                 [f.compat for f in fused], iterations)
 
@@ -207,9 +225,9 @@ def mean_field(logits: Tensor, terms: Sequence[PairwiseTerm], iterations: int) -
     """pydensecrf's inference over [B, L, N] logits (= -U): Q0 = softmax(logits), then `iterations` updates
     Q = softmax(logits - sum_k mu_k(Ktilde_k Q)). Returns Q [B, L, N].
 
-    On the CPU with the extension, when nothing requires grad (inference), all the iterations (and the
-    normalisations) are one C++ call (ext_crf_mean_field); otherwise the differentiable torch loop below
-    runs."""
+    With the extension selected, on the CPU or (in a build with the CUDA kernels) CUDA, when nothing requires
+    grad (inference), all the iterations (and the normalisations) are one call of ext_crf_mean_field;
+    otherwise the differentiable torch loop below runs."""
     if _can_fuse(logits, terms):
         return _mean_field_fused(logits, terms, iterations)
     logits = logits.transpose(1, 2).contiguous()  # points-major [B, N, L]

@@ -25,6 +25,10 @@
 // exist twice: for the baseline target (16-byte vectors: SSE2 on x86-64, NEON on arm64) and, on x86-64
 // CPUs that have them, AVX2 and FMA (32-byte vectors), chosen at run time by torch's CPU capability:
 // setup.py compiles for the baseline, and the per-point work is bound by arithmetic that AVX2 halves.
+//
+// The argument checks (csrc/crf/crf_args.h) and the normalisation's arithmetic (csrc/crf/crf_math.h) are the
+// CUDA kernel's too. The splat scatters through splat_vertex: the CSR tables, the CUDA kernel's gather, are
+// checked but not read.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
@@ -44,6 +48,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "crf/crf_args.h"
+#include "crf/crf_math.h"
 #include "lattice/cpu/lattice_cpu.h"
 #include "lattice/lattice_args.h"
 #include "lattice/lattice_math.h"
@@ -555,23 +561,6 @@ void run(const Kernels<T>& kern, Problem<T>& pb, int64_t iterations, T* q) {
 
 // --- the normalisation ------------------------------------------------------------------------------------
 
-enum class Normalization { kSymmetric, kBefore, kAfter, kNone };
-
-Normalization parse_normalization(const std::string& name, size_t k) {
-  if (name == "symmetric") {
-    return Normalization::kSymmetric;
-  }
-  if (name == "before") {
-    return Normalization::kBefore;
-  }
-  if (name == "after") {
-    return Normalization::kAfter;
-  }
-  TORCH_CHECK(name == "none", "crf_mean_field: normalization[", k,
-              "] must be \"symmetric\", \"before\", \"after\" or \"none\", got \"", name, "\"");
-  return Normalization::kNone;
-}
-
 // One image of one term's lattice, shared by every image of the batch that uses it: the chunk rows and the
 // normalisation's per-point scales (empty: 1).
 template <typename T>
@@ -626,14 +615,13 @@ void normalize(LatticeImage<T>& li, Normalization mode, const int32_t* vertex, c
       for (int j = 0; j < d1; ++j) {
         sum += weight[p * d1 + j] * mass[vertex[p * d1 + j]];
       }
-      const T norm = alpha * sum + T(1e-20);
-      scale[p] = mode == Normalization::kSymmetric ? T(1) / std::sqrt(norm) : T(1) / norm;
+      scale[p] = normalization_scale(mode, alpha * sum);
     }
   });
-  if (mode != Normalization::kAfter) {
+  if (scales_before(mode)) {
     li.pre = scale;
   }
-  if (mode != Normalization::kBefore) {
+  if (scales_after(mode)) {
     li.post = std::move(scale);
   }
 }
@@ -676,19 +664,16 @@ at::Tensor point_rows(const at::Tensor& logits, int64_t Lp) {
 
 at::Tensor crf_mean_field_cpu(const at::Tensor& logits, at::TensorList splat_vertex, at::TensorList splat_weight,
                               at::TensorList blur_neighbors, at::TensorList num_vertices,
-                              const std::vector<std::string>& normalization, at::ArrayRef<double> weight,
-                              const c10::List<std::optional<at::Tensor>>& compat, int64_t iterations) {
-  TORCH_CHECK(logits.dim() == 3, "crf_mean_field: logits must be [B, L, N], got ", logits.sizes());
-  TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble,
-              "crf_mean_field: logits must be float32 or float64, got ", logits.scalar_type());
-  TORCH_CHECK(logits.device().is_cpu(), "crf_mean_field: logits must be on the CPU");
-  TORCH_CHECK(iterations >= 0, "crf_mean_field: iterations must be >= 0, got ", iterations);
-  const size_t K = splat_vertex.size();
-  TORCH_CHECK(splat_weight.size() == K && blur_neighbors.size() == K && num_vertices.size() == K &&
-                  normalization.size() == K && weight.size() == K && compat.size() == K,
-              "crf_mean_field: every per-term list must have one entry per term (", K, ")");
-  const int64_t B = logits.size(0), L = logits.size(1), N = logits.size(2);
-  TORCH_CHECK(L >= 1, "crf_mean_field: need at least one label");
+                              at::TensorList splat_offsets, at::TensorList splat_points,
+                              at::TensorList splat_points_weight, const std::vector<std::string>& normalization,
+                              at::ArrayRef<double> weight, const c10::List<std::optional<at::Tensor>>& compat,
+                              int64_t iterations) {
+  // The splat scatters through splat_vertex: the CSR (the CUDA kernel's gather) is checked, not read.
+  const MeanFieldArgs args =
+      check_mean_field_args(logits, splat_vertex, splat_weight, blur_neighbors, num_vertices, splat_offsets,
+                            splat_points, splat_points_weight, normalization, weight, compat, iterations, at::kCPU);
+  const int64_t B = args.B, L = args.L, N = args.N;
+  const size_t K = args.terms.size();
   at::Tensor out = at::empty({B, L, N}, logits.options());
   if (out.numel() == 0) {
     return out;
@@ -708,26 +693,15 @@ at::Tensor crf_mean_field_cpu(const at::Tensor& logits, at::TensorList splat_ver
     std::vector<std::vector<LatticeImage<T>>> lattice_images(K);
     const bool more = iterations > 0;
     for (size_t k = 0; k < K; ++k) {
-      const char* op = "crf_mean_field";
-      const lattice::TableShape s = lattice::check_point_tables(op, splat_vertex[k], splat_weight[k],
-                                                                blur_neighbors[k], num_vertices[k], logits.scalar_type());
-      TORCH_CHECK(s.N == N && (s.B == B || s.B == 1), "crf_mean_field: term ", k, "'s lattice holds ", s.B,
-                  " images of ", s.N, " points; the logits ", B, " of ", N, " (a lattice of one image serves the "
-                  "whole batch)");
-      TORCH_CHECK(splat_vertex[k].device().is_cpu(), "crf_mean_field: term ", k, "'s tables must be on the CPU");
+      const lattice::TableShape& s = args.terms[k].shape;
       const at::Tensor sv = splat_vertex[k].contiguous(), sw = splat_weight[k].contiguous(),
                        bn = blur_neighbors[k].contiguous(), nv = num_vertices[k].cpu().contiguous();
-      lattice::check_vertex_ids(op, s, sv, bn, nv);
-      const Normalization mode = parse_normalization(normalization[k], k);
+      lattice::check_vertex_ids("crf_mean_field", s, sv, bn, nv);
+      const Normalization mode = args.terms[k].mode;
       at::Tensor compat_t;
-      const std::optional<at::Tensor> c = compat.get(k);
-      if (c.has_value() && c->defined()) {
-        TORCH_CHECK(c->dim() == 2 && c->size(0) == L && c->size(1) == L, "crf_mean_field: compat[", k,
-                    "] must be [L, L] = [", L, ", ", L, "], got ", c->sizes());
-        TORCH_CHECK(c->scalar_type() == logits.scalar_type() && c->device().is_cpu(), "crf_mean_field: compat[", k,
-                    "] must be a CPU tensor of the logits' dtype");
+      if (args.terms[k].compat.defined()) {
         compat_t = at::zeros({L, pb.Lp}, logits.options());  // padded columns of M, as rows
-        compat_t.narrow(1, 0, L).copy_(c->t());
+        compat_t.narrow(1, 0, L).copy_(args.terms[k].compat.t());
       }
       keep.insert(keep.end(), {sv, sw, bn, nv, compat_t});
       const int d1 = static_cast<int>(s.d + 1);
@@ -756,7 +730,7 @@ at::Tensor crf_mean_field_cpu(const at::Tensor& logits, at::TensorList splat_ver
           term.slice_scale = li.post.empty() ? nullptr : li.post.data();
         }
         term.compat_t = data_or_null<T>(compat_t);
-        term.slice_factor = lattice::slice_alpha<T>(static_cast<int>(s.d)) * static_cast<T>(weight[k]);
+        term.slice_factor = lattice::slice_alpha<T>(static_cast<int>(s.d)) * static_cast<T>(args.terms[k].weight);
         pb.terms[b].push_back(term);
       }
     }
