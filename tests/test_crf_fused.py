@@ -183,7 +183,7 @@ def test_errors():
     call()
     args = _op_args(logits, terms, 2)
     for table, name in ((4, "splat_offsets"), (5, "splat_points"), (6, "splat_points_weight")):
-        with pytest.raises(RuntimeError, match=f"term 1's {name} must be"):
+        with pytest.raises(RuntimeError, match=f"term 1: {name} must be"):
             _call_with(args, 1, table, args[1 + table][1][:, :-1])
     with pytest.raises(RuntimeError, match="one entry per term"):  # the CSR lists count too
         torch.ops.fastseg.ext_crf_mean_field(*args[:5], args[5][:1], *args[6:])
@@ -426,9 +426,9 @@ def test_cuda_errors_and_malformed_tables():
     op(*args)
     with pytest.raises(RuntimeError, match="device"):
         _call_with(args, 0, 0, args[1][0].cpu())
-    with pytest.raises(RuntimeError, match="splat CSR must be on the logits' device"):
+    with pytest.raises(RuntimeError, match="term 1: the splat CSR tables must be on one device"):
         _call_with(args, 1, 5, args[6][1].cpu())
-    with pytest.raises(RuntimeError, match="term 0's splat_offsets must be"):
+    with pytest.raises(RuntimeError, match="term 0: splat_offsets must be"):
         _call_with(args, 0, 4, args[5][0][:, 1:])
     with pytest.raises(RuntimeError, match="dtype"):
         _call_with(args, 1, 6, args[7][1].double())

@@ -75,10 +75,10 @@ inline MeanFieldArgs check_mean_field_args(
   a.L = logits.size(1);
   a.N = logits.size(2);
   TORCH_CHECK(a.L >= 1, "crf_mean_field: need at least one label");
-  const char* op = "crf_mean_field";
   for (size_t k = 0; k < K; ++k) {
+    const std::string op = "crf_mean_field: term " + std::to_string(k);
     TermArgs t;
-    t.shape = lattice::check_point_tables(op, splat_vertex[k], splat_weight[k], blur_neighbors[k], num_vertices[k],
+    t.shape = lattice::check_point_tables(op.c_str(), splat_vertex[k], splat_weight[k], blur_neighbors[k], num_vertices[k],
                                           logits.scalar_type());
     const lattice::TableShape& s = t.shape;
     TORCH_CHECK(s.N == a.N && (s.B == a.B || s.B == 1), "crf_mean_field: term ", k, "'s lattice holds ", s.B,
@@ -89,23 +89,10 @@ inline MeanFieldArgs check_mean_field_args(
     TORCH_CHECK(splat_vertex[k].device() == logits.device(), "crf_mean_field: term ", k,
                 "'s tables must be on the logits' device ", logits.device(), ", got ", splat_vertex[k].device());
     // The splat as a CSR over vertices (the CUDA kernel's gather; the CPU kernel scatters through splat_vertex).
-    const int64_t E = s.N * (s.d + 1);
-    TORCH_CHECK(splat_offsets[k].dim() == 2 && splat_offsets[k].scalar_type() == at::kInt &&
-                    splat_offsets[k].size(0) == s.B && splat_offsets[k].size(1) == s.Mmax + 1,
-                "crf_mean_field: term ", k, "'s splat_offsets must be int32 [B, M + 1] = [", s.B, ", ", s.Mmax + 1,
-                "], got ", splat_offsets[k].scalar_type(), " ", splat_offsets[k].sizes());
-    TORCH_CHECK(splat_points[k].dim() == 2 && splat_points[k].scalar_type() == at::kInt &&
-                    splat_points[k].size(0) == s.B && splat_points[k].size(1) == E,
-                "crf_mean_field: term ", k, "'s splat_points must be int32 [B, N * (d + 1)] = [", s.B, ", ", E,
-                "], got ", splat_points[k].scalar_type(), " ", splat_points[k].sizes());
-    TORCH_CHECK(splat_points_weight[k].scalar_type() == logits.scalar_type() &&
-                    splat_points_weight[k].sizes() == splat_points[k].sizes(),
-                "crf_mean_field: term ", k, "'s splat_points_weight must be [B, N * (d + 1)] of the logits' dtype ",
-                logits.scalar_type(), ", got ", splat_points_weight[k].scalar_type(), " ",
-                splat_points_weight[k].sizes());
-    TORCH_CHECK(splat_offsets[k].device() == logits.device() && splat_points[k].device() == logits.device() &&
-                    splat_points_weight[k].device() == logits.device(),
-                "crf_mean_field: term ", k, "'s splat CSR must be on the logits' device ", logits.device());
+    lattice::check_csr_tables(op.c_str(), s, splat_offsets[k], splat_points[k], splat_points_weight[k],
+                              logits.scalar_type());
+    TORCH_CHECK(splat_offsets[k].device() == logits.device(), "crf_mean_field: term ", k,
+                "'s splat CSR must be on the logits' device ", logits.device());
     t.mode = parse_normalization(normalization[k], k);
     t.weight = weight[k];
     const std::optional<at::Tensor> c = compat.get(k);

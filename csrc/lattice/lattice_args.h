@@ -76,6 +76,27 @@ inline TableShape check_point_tables(const char* op, const at::Tensor& splat_ver
   return s;
 }
 
+// The splat as a CSR over vertices (what the CUDA kernels gather through): splat_offsets int32 [B, M + 1],
+// splat_points int32 [B, N (d + 1)] and splat_points_weight [B, N (d + 1)] of `dtype`, on splat_offsets'
+// device. `op` names the caller in the messages.
+inline void check_csr_tables(const char* op, const TableShape& s, const at::Tensor& splat_offsets,
+                             const at::Tensor& splat_points, const at::Tensor& splat_points_weight,
+                             at::ScalarType dtype) {
+  TORCH_CHECK(splat_offsets.dim() == 2 && splat_offsets.scalar_type() == at::kInt && splat_offsets.size(0) == s.B &&
+                  splat_offsets.size(1) == s.Mmax + 1,
+              op, ": splat_offsets must be int32 [B, M + 1] = [", s.B, ", ", s.Mmax + 1, "], got ",
+              splat_offsets.scalar_type(), " ", splat_offsets.sizes());
+  TORCH_CHECK(splat_points.dim() == 2 && splat_points.scalar_type() == at::kInt && splat_points.size(0) == s.B &&
+                  splat_points.size(1) == s.N * (s.d + 1),
+              op, ": splat_points must be int32 [B, N * (d + 1)] = [", s.B, ", ", s.N * (s.d + 1), "], got ",
+              splat_points.scalar_type(), " ", splat_points.sizes());
+  TORCH_CHECK(splat_points_weight.scalar_type() == dtype && splat_points_weight.sizes() == splat_points.sizes(),
+              op, ": splat_points_weight must be [B, N * (d + 1)] of dtype ", dtype, ", got ",
+              splat_points_weight.scalar_type(), " ", splat_points_weight.sizes());
+  TORCH_CHECK(splat_points.device() == splat_offsets.device() && splat_points_weight.device() == splat_offsets.device(),
+              op, ": the splat CSR tables must be on one device");
+}
+
 struct FilterShape {
   int64_t B, C, N, d, Mmax;
 };
@@ -92,18 +113,8 @@ inline FilterShape check_filter_args(const at::Tensor& values, const at::Tensor&
   FilterShape s{t.B, values.size(1), t.N, t.d, t.Mmax};
   TORCH_CHECK(values.size(0) == s.B && values.size(2) == s.N, "lattice_filter: values ", values.sizes(),
               " do not match the lattice's points: splat_vertex ", splat_vertex.sizes());
-  TORCH_CHECK(splat_offsets.dim() == 2 && splat_offsets.scalar_type() == at::kInt && splat_offsets.size(0) == s.B &&
-                  splat_offsets.size(1) == s.Mmax + 1,
-              "lattice_filter: splat_offsets must be int32 [B, M + 1], got ", splat_offsets.scalar_type(), " ",
-              splat_offsets.sizes());
-  TORCH_CHECK(splat_points.dim() == 2 && splat_points.scalar_type() == at::kInt && splat_points.size(0) == s.B &&
-                  splat_points.size(1) == s.N * (s.d + 1),
-              "lattice_filter: splat_points must be int32 [B, N * (d + 1)], got ", splat_points.scalar_type(), " ",
-              splat_points.sizes());
-  TORCH_CHECK(splat_points_weight.scalar_type() == values.scalar_type() &&
-                  splat_points_weight.sizes() == splat_points.sizes(),
-              "lattice_filter: splat_points_weight must be [B, N * (d + 1)] of the values' dtype ",
-              values.scalar_type(), ", got ", splat_points_weight.scalar_type(), " ", splat_points_weight.sizes());
+  check_csr_tables("lattice_filter", TableShape{s.B, s.N, s.d, s.Mmax}, splat_offsets, splat_points,
+                   splat_points_weight, values.scalar_type());
   const auto dev = values.device();
   for (const at::Tensor* t : {&splat_vertex, &splat_offsets, &splat_points, &splat_points_weight}) {
     TORCH_CHECK(t->device() == dev, "lattice_filter: every table must be on the values' device ", dev, ", got ",

@@ -158,10 +158,9 @@ def _fused_ops_available() -> bool:
 
 def _fused_kernel_runs_on(device: torch.device) -> bool:
     """Whether ext_crf_mean_field has a kernel for `device` (CUDA: only in a build with the CUDA kernels)."""
-    if device.type == "cpu":
-        return True
-    return device.type == "cuda" and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "fastseg::ext_crf_mean_field", "CUDA")
+    from fastseg.ops.lattice import _extension_has_cuda_kernel
+
+    return device.type == "cpu" or (device.type == "cuda" and _extension_has_cuda_kernel("ext_crf_mean_field"))
 
 
 def _register_extension_fakes() -> None:
