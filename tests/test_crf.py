@@ -10,6 +10,7 @@ Three references:
 """
 
 import importlib.util
+import math
 
 import numpy as np
 import pytest
@@ -578,6 +579,44 @@ def test_errors(case, message):
         fastseg.dense_crf(logits, image, **kw)
 
 
+def test_too_large_for_the_memory_raises_before_allocating():
+    """A volume whose lattices alone cannot fit raises a MemoryError naming the problem, before anything is
+    read or allocated at its size (the inputs here are stride-0 views: 2 x 8.6e9 voxels, no memory)."""
+    logits = torch.zeros(1, 2, 1, 1, 1).expand(1, 2, 2048, 2048, 2048)
+    image = torch.zeros(1, 1, 1, 1, 1).expand(1, 1, 2048, 2048, 2048)
+    with pytest.raises(MemoryError, match=r"dense_crf of 1 x 2 labels x 8589934592 points needs at least .* GiB"):
+        fastseg.dense_crf(logits, image)
+
+
+def test_memory_check_uses_the_available_memory(monkeypatch):
+    from fastseg.ops import lattice as lattice_ops
+
+    logits, image = torch.randn(2, 3, 16, 20), torch.rand(2, 3, 16, 20) * 255
+    required = crf_ops.dense_crf_bytes_lower_bound(2, 3, 320, 2, 3, True, True, torch.float32)
+    monkeypatch.setattr(lattice_ops, "available_memory_bytes", lambda device: required - 1)
+    with pytest.raises(MemoryError, match="only 0.00 GiB are available"):
+        fastseg.dense_crf(logits, image)
+    monkeypatch.setattr(lattice_ops, "available_memory_bytes", lambda device: 1000)
+    with pytest.raises(MemoryError, match="PermutohedralLattice of 2 x 320 points, d = 5"):
+        fastseg.PermutohedralLattice(torch.randn(2, 5, 16, 20))
+    monkeypatch.setattr(lattice_ops, "available_memory_bytes", lambda device: required)
+    fastseg.dense_crf(logits, image)  # exactly enough: runs
+    monkeypatch.setattr(lattice_ops, "available_memory_bytes", lambda device: None)  # unknown: no check
+    fastseg.dense_crf(logits, image)
+
+
+@pytest.mark.skipif(not lattice_available(), reason="the lattice extension is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lattice_memory_lower_bound_counts_only_what_the_build_allocates(dtype):
+    """The bound is exactly the built lattice's per-entry tables: it never exceeds what a build allocates."""
+    from fastseg.ops import lattice as lattice_ops
+
+    B, d, N = 3, 5, 1000
+    lat = fastseg.PermutohedralLattice(torch.randn(B, d, N, dtype=dtype))
+    tables = lat.tables[0], lat.tables[1], lat.tables[5], lat.tables[6]  # the per-entry tables
+    assert lattice_ops.lattice_bytes_lower_bound(B, d, N, dtype) == sum(t.numel() * t.element_size() for t in tables)
+
+
 def test_compat_frontend_errors():
     d = fdcrf.DenseCRF2D(5, 4, 3)
     with pytest.raises(ValueError, match="Bad shape for unary energy"):
@@ -621,3 +660,23 @@ def test_cuda_matches_cpu_and_pydensecrf():
     if have_pydensecrf():  # the lent GPU machines do not have it
         expected = run_pydensecrf(unary, image)
         assert_agrees(fastseg.dense_crf(logits.cuda(), img.cuda())[0].cpu().numpy(), expected, "CUDA vs pydensecrf")
+
+
+@pytest.mark.gpu
+@needs_lattice
+@pytest.mark.parametrize("shape, channels", [((96, 128), 3), ((24, 40, 48), 1)])
+def test_cuda_memory_lower_bound_is_below_the_peak(shape, channels):
+    """What the memory check compares with the free memory never exceeds what dense_crf allocates on CUDA."""
+    B, L = 2, 5
+    logits = torch.randn(B, L, *shape, device="cuda")
+    image = torch.rand(B, channels, *shape, device="cuda") * 255
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    q = fastseg.dense_crf(logits, image)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    bound = crf_ops.dense_crf_bytes_lower_bound(B, L, math.prod(shape), len(shape), channels, True, True,
+                                                torch.float32)
+    assert bound <= peak, (bound, peak)
+    assert torch.isfinite(q).all()

@@ -40,6 +40,8 @@ import torch
 from torch import Tensor
 
 from fastseg import _backend
+from fastseg.ops.lattice import (PermutohedralLattice, _extension_has_cuda_kernel, ensure_memory,
+                                 lattice_bytes_lower_bound)
 
 # --- the lattice --------------------------------------------------------------------------------------------
 
@@ -47,8 +49,6 @@ from fastseg import _backend
 def _build_lattice(features: Tensor):
     """One permutohedral lattice per image of `features` [B, d, N] (a seam for tests to substitute an exact
     Gaussian filter)."""
-    from fastseg.ops.lattice import PermutohedralLattice
-
     return PermutohedralLattice(features)
 
 
@@ -158,8 +158,6 @@ def _fused_ops_available() -> bool:
 
 def _fused_kernel_runs_on(device: torch.device) -> bool:
     """Whether ext_crf_mean_field has a kernel for `device` (CUDA: only in a build with the CUDA kernels)."""
-    from fastseg.ops.lattice import _extension_has_cuda_kernel
-
     return device.type == "cpu" or (device.type == "cuda" and _extension_has_cuda_kernel("ext_crf_mean_field"))
 
 
@@ -179,8 +177,6 @@ def _can_fuse(logits: Tensor, terms: Sequence[PairwiseTerm]) -> bool:
     """The fused path serves inference: float32/float64 tensors on a device the op has a kernel for (CPU, and
     CUDA in a build with the CUDA kernels), the extension selected for the lattice, real PermutohedralLattices
     (tests substitute exact filters), and nothing that autograd would have to reach."""
-    from fastseg.ops.lattice import PermutohedralLattice
-
     if logits.dtype not in (torch.float32, torch.float64):
         return False
     if not _fused_ops_available() or not _fused_kernel_runs_on(logits.device):
@@ -276,6 +272,11 @@ def _weight(value, what: str):
     raise ValueError(f"dense_crf: {what} must be a number or a tensor, got {type(value).__name__}")
 
 
+def _kernel_used(weight) -> bool:
+    """A kernel weight of 0 (or None, which _weight makes 0) drops the kernel; a tensor weight never does."""
+    return isinstance(weight, Tensor) or weight != 0.0
+
+
 def _check_finite(t: Tensor, what: str) -> None:
     if t.numel() == 0 or not t.is_floating_point():
         return
@@ -318,6 +319,20 @@ def _validate(logits, image, iterations, compatibility, spacing):
     return spacing, compatibility
 
 
+def dense_crf_bytes_lower_bound(B: int, L: int, N: int, ndim: int, channels: int, gaussian: bool, bilateral: bool,
+                                compute: torch.dtype) -> int:
+    """Bytes that dense_crf certainly allocates (a lower bound, compared with the available memory before
+    anything is built): the lattices' per-entry tables (lattice.lattice_bytes_lower_bound: the Gaussian lattice
+    serves the batch, each image has its own bilateral one) and three [B, L, N] arrays (the logits in the
+    compute dtype, Q, the result)."""
+    required = 3 * B * L * N * torch.empty((), dtype=compute).element_size()
+    if gaussian:
+        required += lattice_bytes_lower_bound(1, ndim, N, compute)
+    if bilateral:
+        required += lattice_bytes_lower_bound(B, ndim + channels, N, compute)
+    return required
+
+
 # --- features -----------------------------------------------------------------------------------------------
 
 
@@ -356,8 +371,6 @@ def dense_crf(logits: Tensor, image: Tensor, *, iterations: int = 10, gaussian_s
         Q, the marginals: probabilities with the logits' shape, dtype (float32 compute for half types) and device.
     """
     spacing, compatibility = _validate(logits, image, iterations, compatibility, spacing)
-    _check_finite(logits, "logits")
-    _check_finite(image, "image")
     ndim = logits.dim() - 2
     B, L = logits.shape[:2]
     spatial = tuple(logits.shape[2:])
@@ -365,6 +378,12 @@ def dense_crf(logits: Tensor, image: Tensor, *, iterations: int = 10, gaussian_s
     compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
     w_gauss = _weight(gaussian_weight, "gaussian_weight")
     w_bilat = _weight(bilateral_weight, "bilateral_weight")
+    # Before anything reads or allocates at this size (the finiteness checks walk every element).
+    required = dense_crf_bytes_lower_bound(B, L, N, ndim, image.shape[1], _kernel_used(w_gauss), _kernel_used(w_bilat),
+                                           compute)
+    ensure_memory(required, logits.device, f"dense_crf of {B} x {L} labels x {N} points")
+    _check_finite(logits, "logits")
+    _check_finite(image, "image")
     unary = logits.to(compute).reshape(B, L, N)
     if compatibility is not None:
         compatibility = compatibility.to(device=logits.device, dtype=compute)
@@ -376,7 +395,7 @@ def dense_crf(logits: Tensor, image: Tensor, *, iterations: int = 10, gaussian_s
 
     terms = []
     for weight, kind in ((w_gauss, "gaussian"), (w_bilat, "bilateral")):
-        if not isinstance(weight, Tensor) and weight == 0.0:
+        if not _kernel_used(weight):
             continue
         sxy = g_sxy if kind == "gaussian" else b_sxy
         coords = _coordinates(spatial, [s / sp for sp, s in zip(spacing, sxy)], logits.device, compute)

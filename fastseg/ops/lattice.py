@@ -346,6 +346,50 @@ def _register_extension_fakes() -> None:
 _register_extension_fakes()
 
 
+# --- memory: refuse what cannot fit, before allocating --------------------------------------------------
+#
+# A build too large for the machine must raise, not crash: on the CPU, Linux overcommits memory and kills the
+# process when the pages are touched, long after an allocation succeeded. So the callers compare a lower bound
+# of what they will allocate (never an over-estimate: that would refuse work that fits) with what is available.
+
+
+def lattice_bytes_lower_bound(images: int, d: int, N: int, dtype: torch.dtype) -> int:
+    """Bytes that lattices of `images` images of N points with d features certainly hold once built: the four
+    per-entry tables (splat_vertex, splat_weight, splat_points, splat_points_weight: N (d + 1) entries each,
+    per image). Not counted: the tables sized by the vertex count (unknown before the build) and the build's
+    scratch."""
+    weight = torch.empty((), dtype=dtype).element_size()
+    return images * N * (d + 1) * 2 * (4 + weight)
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Memory a new allocation can use on `device`: on the CPU, the kernel's MemAvailable (Linux; None
+    elsewhere); on CUDA, the free device memory plus what torch's caching allocator holds unused."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def ensure_memory(required: int, device: torch.device, what: str) -> None:
+    """Raise a MemoryError naming `what` when `required` bytes (a lower bound) exceed the available memory."""
+    available = available_memory_bytes(device)
+    if available is not None and required > available:
+        raise MemoryError(
+            f"{what} needs at least {required / 2**30:.2f} GiB of {device.type} memory, but only "
+            f"{available / 2**30:.2f} GiB are available: use a smaller crop or volume, downsample it, or process "
+            "the batch in parts")
+
+
 # --- the public class -----------------------------------------------------------------------------------
 
 
@@ -384,6 +428,8 @@ class PermutohedralLattice:
         self.spatial_shape = tuple(features.shape[2:])
         self.num_points = math.prod(self.spatial_shape)
         f = f.reshape(B, d, self.num_points)
+        ensure_memory(lattice_bytes_lower_bound(B, d, self.num_points, f.dtype), f.device,
+                      f"PermutohedralLattice of {B} x {self.num_points} points, d = {d}")
         # NaN / Inf (and features too large for the int32 keys) raise a ValueError from the build itself.
         self.device = f.device
         self.dtype = f.dtype
