@@ -203,6 +203,59 @@ def test_auto_dispatch():
         assert _backend.select("fused_conv2d", torch.device("cuda")) == "triton"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("index", range(len(CASES)), ids=[_case_ids(c) for c in CASES])
+def test_folded_cudnn_path_matches_the_specification(dtype, layout, index):
+    """"auto"'s cuDNN candidate (the affine folded into weights and bias), through F.conv2d on the CPU: every
+    case, every epilogue in turn (the fused cudnn_convolution_(add_)relu calls are CUDA-only: GPU tests)."""
+    from fastseg.ops import conv as conv_ops
+
+    x, w, bias, kw, (s, p, d, g), reduction = _make(CASES[index], dtype, layout, EPILOGUE_NAMES[index % 7])
+    s2, d2 = conv_ops._pair(s, "stride"), conv_ops._pair(d, "dilation")
+    padding4 = conv_ops._resolve_padding(p, tuple(w.shape[2:]), s2, d2)
+    got = conv_ops.folded_conv2d(x, w, bias, kw["scale"], kw["shift"], kw["residual"], s2, padding4, d2, g,
+                                 kw["activation"])
+    expected = _expected(x, w, bias, kw["scale"], kw["shift"], kw["residual"], s, p, d, g, kw["activation"])
+    _assert_close(got, expected, dtype, reduction)
+    assert got.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last" and x.shape[1] > 1)
+
+
+def test_auto_keeps_the_faster_implementation_per_problem(monkeypatch):
+    """The selection itself, with the timing replaced: the faster candidate wins, once per problem; a candidate
+    that raises drops out with a warning; with both failing, the Triton error propagates."""
+    from fastseg.ops import conv as conv_ops
+
+    monkeypatch.setattr(conv_ops, "_auto_choices", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    timings = {"triton": 2.0, "cudnn": 1.0}
+    calls = []
+
+    def fake_mean_ms(run):
+        run()  # records which candidate it is
+        if isinstance(timings[calls[-1]], Exception):
+            raise timings[calls[-1]]
+        return timings[calls[-1]]
+
+    monkeypatch.setattr(conv_ops, "_forward_into", lambda *args: calls.append("triton"))
+    monkeypatch.setattr(conv_ops, "folded_conv2d", lambda *args: calls.append("cudnn"))
+    monkeypatch.setattr(conv_ops, "_mean_ms", fake_mean_ms)
+    x, w = torch.randn(1, 4, 9, 9), torch.randn(6, 4, 3, 3)
+    args = (x, w, None, None, None, None, (1, 1), [1, 1, 1, 1], (1, 1), 1, "relu")
+    assert conv_ops._auto_impl(*args) == "cudnn" and sorted(calls) == ["cudnn", "triton"]
+    timings["cudnn"] = 3.0
+    assert conv_ops._auto_impl(*args) == "cudnn" and len(calls) == 2  # cached: not timed again
+    other = (x, w, None, None, None, None, (1, 1), [2, 2, 2, 2], (2, 2), 1, "relu")
+    assert conv_ops._auto_impl(*other) == "triton" and len(calls) == 4  # another problem: timed
+    assert set(conv_ops.auto_choices().values()) == {"cudnn", "triton"}
+    timings["triton"] = RuntimeError("no kernel for this")
+    with pytest.warns(RuntimeWarning, match="triton implementation failed.*no kernel for this"):
+        assert conv_ops._auto_impl(x, w, None, None, None, None, (1, 1), [0, 0, 0, 0], (1, 1), 1, None) == "cudnn"
+    timings["cudnn"] = RuntimeError("cudnn too")
+    with pytest.raises(RuntimeError, match="no kernel for this"):
+        conv_ops._auto_impl(x, w, None, None, None, None, (2, 2), [0, 0, 0, 0], (1, 1), 1, None)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # the kernels directly: poisoned outputs, every configuration
 # --------------------------------------------------------------------------------------------------------------
@@ -713,10 +766,33 @@ def one_autotune_config(monkeypatch):
 def test_gpu_forward_large(one_autotune_config, dtype, layout, index):
     x, w, bias, kw, (s, p, d, g), reduction = _make(GPU_CASES[index], dtype, layout, EPILOGUE_NAMES[index % 7],
                                                     device="cuda")
-    got = fastseg.fused_conv2d(x, w, bias, s, p, d, g, **kw)
+    with fastseg.backend("triton"):
+        got = fastseg.fused_conv2d(x, w, bias, s, p, d, g, **kw)
     expected = _expected(x, w, bias, kw["scale"], kw["shift"], kw["residual"], s, p, d, g, kw["activation"])
     _assert_close(got, expected, dtype, reduction)
     assert got.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("index, dtype, layout", GPU_COMBOS[::2])
+def test_gpu_auto_times_and_both_candidates_match(one_autotune_config, monkeypatch, dtype, layout, index):
+    """"auto" picks one implementation per problem; whichever it picks, both candidates (Triton, and cuDNN with
+    the affine folded, through cudnn_convolution_(add_)relu where the epilogue ends in a ReLU) match the
+    specification."""
+    from fastseg.ops import conv as conv_ops
+
+    monkeypatch.setattr(conv_ops, "_auto_choices", {})
+    x, w, bias, kw, (s, p, d, g), reduction = _make(GPU_CASES[index], dtype, layout, EPILOGUE_NAMES[index % 7],
+                                                    device="cuda")
+    expected = _expected(x, w, bias, kw["scale"], kw["shift"], kw["residual"], s, p, d, g, kw["activation"])
+    _assert_close(fastseg.fused_conv2d(x, w, bias, s, p, d, g, **kw), expected, dtype, reduction, what="auto")
+    (key, choice), = conv_ops.auto_choices().items()
+    assert choice in ("triton", "cudnn")
+    for forced in ("triton", "cudnn"):
+        conv_ops._auto_choices[key] = forced
+        got = fastseg.fused_conv2d(x, w, bias, s, p, d, g, **kw)
+        _assert_close(got, expected, dtype, reduction, what=forced)
+        assert got.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
 
 
 @pytest.mark.gpu
@@ -740,10 +816,11 @@ def test_gpu_tf32_follows_cudnn_flag(one_autotune_config):
     x = torch.randn(2, 64, 33, 33, device="cuda")
     w = torch.randn(64, 64, 3, 3, device="cuda") / 24
     expected = _expected(x, w, None, None, None, None, 1, 2, 2, 1, None)
-    torch.backends.cudnn.allow_tf32 = False
-    _assert_close(fastseg.fused_conv2d(x, w, padding=2, dilation=2), expected, torch.float32, 576)
-    torch.backends.cudnn.allow_tf32 = True
-    got = fastseg.fused_conv2d(x, w, padding=2, dilation=2)
+    with fastseg.backend("triton"):
+        torch.backends.cudnn.allow_tf32 = False
+        _assert_close(fastseg.fused_conv2d(x, w, padding=2, dilation=2), expected, torch.float32, 576)
+        torch.backends.cudnn.allow_tf32 = True
+        got = fastseg.fused_conv2d(x, w, padding=2, dilation=2)
     torch.testing.assert_close(got.double(), expected, rtol=5e-3, atol=5e-3)
 
 
@@ -792,8 +869,11 @@ def _relative_error(got, expected):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("index", range(len(BACKWARD_GPU_CASES)))
-def test_gpu_triton_backward_matches_torch(one_autotune_config, one_backward_config, dtype, index):
+def test_gpu_triton_backward_matches_torch(one_autotune_config, one_backward_config, monkeypatch, dtype, index):
     """backend("triton")'s backward kernels against torch's backward (cuDNN, what "auto" runs) and float64."""
+    from fastseg.ops import conv as conv_ops
+
+    monkeypatch.setattr(conv_ops, "_auto_impl", lambda *args: "triton")
     x, w, _, kw, (s, p, d, g), _ = _make(BACKWARD_GPU_CASES[index], dtype, "channels_last", "bn_relu",
                                          device="cuda")
     x.requires_grad_()

@@ -8,7 +8,9 @@ padding (int, pair, "valid" or "same") and dilation; groups 1 or depthwise (grou
 Layers: ``fused_conv2d`` validates and resolves the arguments; the registered custom op
 ``torch.ops.fastseg.fused_conv2d`` carries the fake implementation (torch.compile) and autograd; the forward
 runs on one backend: the Triton implicit-GEMM kernel (``conv_kernels.py``) or the plain-PyTorch reference
-below. The Triton backward kernels are registered ops too (``fused_conv2d_input_grad``,
+below. "auto" on CUDA times the Triton kernel against cuDNN with the affine folded into the weights
+(``folded_conv2d``: cudnn_convolution_relu when the epilogue ends in a ReLU) on the first call of each problem,
+and keeps the faster (``auto_choices()`` lists what it kept); ``fastseg.backend("triton")`` forces the kernel. The Triton backward kernels are registered ops too (``fused_conv2d_input_grad``,
 ``fused_conv2d_weight_grad``), so torch.compile traces the backward.
 
 Backward: it runs on the backend the forward ran under (saved in the autograd context), and picks the
@@ -18,7 +20,7 @@ gradients of x and weight by that backend:
   Triton kernels of ``conv_backward_kernels.py``, an implicit GEMM for the input gradient and one for the weight
   gradient, each applying the epilogue's chain rule (ReLU mask from the saved output, times scale) as it loads
   grad_out, so the gradient at the convolution's output never materialises.
-- ``"auto"`` (on CUDA too, although its forward is the Triton kernel), ``"reference"``, depthwise and float64:
+- ``"auto"`` (on CUDA too, whichever forward it runs), ``"reference"``, depthwise and float64:
   torch's own convolution backward (``aten.convolution_backward``: cuDNN on CUDA) applied to the gradient at
   the convolution's output, computed in plain PyTorch from the same chain rule. "auto" keeps cuDNN until GPU
   measurements (``python -m fastseg bench --ops conv --backends auto triton``, the train_step rows) show the Triton
@@ -29,6 +31,7 @@ Either way the bias, scale, shift and residual gradients are reductions in plain
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -223,16 +226,131 @@ def _allow_tf32() -> bool:
     return bool(torch.backends.cudnn.allow_tf32)
 
 
-def _forward_into(out, x, weight, bias, scale, shift, residual, stride, padding4, dilation, groups, activation):
-    impl = _backend.select("fused_conv2d", x.device)
-    # float64 has no Triton kernel (no float64 tensor cores): it runs on the reference everywhere.
-    if impl == "triton" and x.dtype != torch.float64:
+def _forward_into(out, x, weight, bias, scale, shift, residual, stride, padding4, dilation, groups, activation,
+                  impl):
+    if impl == "triton":
         _triton_kernels().forward(x, weight, bias, scale, shift, residual, out, tuple(stride),
                                   tuple(padding4[:2]), tuple(dilation), groups, activation == "relu",
                                   _allow_tf32())
     else:
         out.copy_(reference_fused_conv2d(x, weight, bias, scale, shift, residual, stride, padding4, dilation,
                                          groups, activation))
+
+
+# --- "auto" on CUDA: per problem, the faster of the Triton kernel and cuDNN --------------------------------
+#
+# Measured on an H100 (benchmarks/results/2026-11-27-h100-0cad134.json), the Triton kernel beat eager cuDNN
+# conv -> BatchNorm -> ReLU on one network shape of fifteen. So that "auto" (and fastseg.optimize) never trades
+# a fast cuDNN convolution for a slower kernel, it times both on the first call of each problem (shapes, layout,
+# dtype, convolution parameters, epilogue) and keeps the faster, as cudnn.benchmark does for cuDNN's algorithms.
+
+
+def folded_conv2d(x: Tensor, weight: Tensor, bias, scale, shift, residual, stride, padding4, dilation, groups,
+                  activation) -> Tensor:
+    """The fused op through torch's convolution (cuDNN on CUDA), the affine folded into the weights and bias
+    (weight * scale and bias * scale + shift, computed in float32 or wider and rounded once to x's dtype). With a
+    ReLU on CUDA, cuDNN's fused convolution + bias (+ residual) + ReLU (torch.cudnn_convolution_relu /
+    cudnn_convolution_add_relu): one call; otherwise F.conv2d, then the residual and the ReLU in place. The
+    result has F.conv2d's memory format."""
+    memory_format = _output_memory_format(x, weight)
+    compute = torch.promote_types(x.dtype, torch.float32)
+    if scale is not None:
+        weight = (weight.to(compute) * scale.to(compute).view(-1, 1, 1, 1)).to(x.dtype)
+    if scale is not None or shift is not None:
+        folded = torch.zeros(weight.shape[0], dtype=compute, device=x.device) if bias is None else bias.to(compute)
+        if scale is not None:
+            folded = folded * scale.to(compute)
+        if shift is not None:
+            folded = folded + shift.to(compute)
+        bias = folded.to(x.dtype)
+    pt, pl, pb, pr = padding4
+    if (pt, pl) != (pb, pr):
+        x = F.pad(x, (pl, pr, pt, pb))
+        pt = pl = 0
+    stride, padding, dilation = list(stride), [pt, pl], list(dilation)
+    if activation == "relu" and x.is_cuda:
+        if residual is None:
+            y = torch.cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, groups)
+        else:
+            y = torch.cudnn_convolution_add_relu(x, weight, residual, 1.0, bias, stride, padding, dilation, groups)
+    else:
+        y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        if residual is not None:
+            y = y.add_(residual)
+        if activation == "relu":
+            y = y.relu_()
+    return y.contiguous(memory_format=memory_format)
+
+
+# problem key -> "triton" or "cudnn", the implementation "auto" runs for it on CUDA
+_auto_choices: dict[tuple, str] = {}
+_AUTO_TIMING_CALLS = 5
+
+
+def auto_choices() -> dict[tuple, str]:
+    """What "auto" chose per problem so far (key: x's shape, dtype, layout, then the op's parameters)."""
+    return dict(_auto_choices)
+
+
+def _problem_key(x, weight, bias, scale, shift, residual, stride, padding4, dilation, groups, activation) -> tuple:
+    return (tuple(x.shape), x.dtype, x.device, _output_memory_format(x, weight), tuple(weight.shape), x.stride(),
+            weight.stride(), tuple(None if t is None else t.dtype for t in (bias, scale, shift, residual)),
+            tuple(stride), tuple(padding4), tuple(dilation), groups, activation, _allow_tf32())
+
+
+def _mean_ms(fn) -> float:
+    """Mean time of one call of `fn` on the current CUDA stream, after one warm-up call (which compiles and
+    autotunes the Triton kernel)."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(_AUTO_TIMING_CALLS):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / _AUTO_TIMING_CALLS
+
+
+def _auto_impl(x, weight, bias, scale, shift, residual, stride, padding4, dilation, groups, activation) -> str:
+    """The implementation "auto" runs on CUDA: the one timed faster for this problem. A candidate that raises
+    (e.g. a cuDNN fusion this dtype lacks) drops out with a warning; under CUDA-graph capture, where nothing can
+    be timed (or compiled), an untimed problem runs on cuDNN."""
+    key = _problem_key(x, weight, bias, scale, shift, residual, stride, padding4, dilation, groups, activation)
+    choice = _auto_choices.get(key)
+    if choice is not None:
+        return choice
+    if torch.cuda.is_current_stream_capturing():
+        return "cudnn"
+    args = (x, weight, bias, scale, shift, residual, stride, padding4, dilation, groups, activation)
+    out = _empty_output(x, weight, *output_size(x.shape[2], x.shape[3], weight.shape[2:], stride, padding4, dilation))
+    candidates = {
+        "triton": lambda: _forward_into(out, *args, "triton"),
+        "cudnn": lambda: folded_conv2d(*args),
+    }
+    times, errors = {}, {}
+    for name, run in candidates.items():
+        try:
+            times[name] = _mean_ms(run)
+        except RuntimeError as error:
+            errors[name] = error
+    if not times:
+        raise errors["triton"]
+    for name, error in errors.items():
+        warnings.warn(f"fastseg.fused_conv2d: the {name} implementation failed for this problem and is not used "
+                      f"by backend 'auto': {str(error).splitlines()[0]}", RuntimeWarning, stacklevel=3)
+    choice = _auto_choices[key] = min(times, key=times.get)
+    return choice
+
+
+def _implementation(x, weight, bias, scale, shift, residual, stride, padding4, dilation, groups, activation) -> str:
+    """"triton", "cudnn" or "reference": what runs the forward now (float64 has no Triton kernel, no float64
+    tensor cores: it runs on the reference everywhere)."""
+    impl = _backend.select("fused_conv2d", x.device)
+    if impl != "triton" or x.dtype == torch.float64:
+        return "reference"
+    if _backend.current_backend() == "auto" and x.is_cuda:
+        return _auto_impl(x, weight, bias, scale, shift, residual, stride, padding4, dilation, groups, activation)
+    return "triton"
 
 
 # --- registered op: autograd and fake implementation --------------------------------------------------
@@ -246,8 +364,13 @@ def _fused_conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: O
     """act((conv2d(x, weight) + bias) * scale + shift + residual); padding is [top, left, bottom, right]."""
     OH, OW = output_size(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
     out = _empty_output(x, weight, OH, OW)
-    if out.numel():
-        _forward_into(out, x, weight, bias, scale, shift, residual, stride, padding, dilation, groups, activation)
+    if out.numel() == 0:
+        return out
+    args = (x, weight, bias, scale, shift, residual, stride, padding, dilation, groups, activation)
+    impl = _implementation(*args)
+    if impl == "cudnn":
+        return folded_conv2d(*args)
+    _forward_into(out, *args, impl)
     return out
 
 
@@ -390,6 +513,9 @@ def fused_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1
         activation: None or "relu".
         residual: a tensor of the output's shape added before the activation, or None.
 
+    On CUDA, "auto" runs the Triton kernel or cuDNN (the affine folded into the weights and bias), whichever
+    it timed faster on the first call with these shapes and parameters; ``fastseg.backend("triton")`` forces
+    the kernel.
     float32 uses TF32 tensor cores only when torch.backends.cudnn.allow_tf32 is set, as F.conv2d on CUDA.
     Under torch.autocast x, weight, bias and residual are cast to the autocast dtype, as F.conv2d's inputs are.
     Differentiable in x, weight, bias, scale, shift and residual. The backward runs on the forward's backend:
