@@ -55,6 +55,7 @@
 
 #include "crf/crf_args.h"
 #include "crf/crf_math.h"
+#include "lattice/cuda/passes.cuh"
 #include "lattice/lattice_math.h"
 
 namespace fastseg {
@@ -74,61 +75,6 @@ __device__ __forceinline__ int64_t clamp_id(int64_t id, int64_t size) {
 
 __device__ __forceinline__ float exp_of(float x) { return expf(x); }
 __device__ __forceinline__ double exp_of(double x) { return exp(x); }
-
-// buf[lb, v, c] = sum over v's CSR row (point p, weight w) of w * pre[lb, p] * q[b, p, l], with b = lb * folded
-// + c / L and l = c % L; pre == nullptr: 1; q == nullptr: the values are 1 (the normalisation's filter(1)).
-template <typename scalar_t, typename acc_t>
-__global__ void splat_kernel(const acc_t* __restrict__ q, const acc_t* __restrict__ pre,
-                             const int32_t* __restrict__ offsets, const int32_t* __restrict__ points,
-                             const scalar_t* __restrict__ points_weight, int64_t Bk, int64_t M, int64_t N,
-                             int64_t E, int64_t L, int64_t C, int64_t folded, acc_t* __restrict__ buf) {
-  const int64_t total = Bk * M * C;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t c = i % C;
-    const int64_t v = (i / C) % M;
-    const int64_t lb = i / (C * M);
-    const int32_t* off = offsets + lb * (M + 1);
-    const int64_t first = min(max(int64_t(off[v]), int64_t(0)), E);
-    const int64_t last = min(max(int64_t(off[v + 1]), first), E);
-    const int32_t* pts = points + lb * E;
-    const scalar_t* pw = points_weight + lb * E;
-    const acc_t* values = q == nullptr ? nullptr : q + (lb * folded + c / L) * N * L + c % L;  // point p: [p * L]
-    const acc_t* scale = pre == nullptr ? nullptr : pre + lb * N;
-    acc_t acc = acc_t(0);
-    for (int64_t e = first; e < last; ++e) {
-      const int64_t p = clamp_id(pts[e], N);
-      acc_t x = values == nullptr ? acc_t(1) : values[p * L];
-      if (scale != nullptr) {
-        x *= scale[p];
-      }
-      acc += static_cast<acc_t>(pw[e]) * x;
-    }
-    buf[i] = acc;
-  }
-}
-
-// out[lb, v, c] = in[lb, v, c] + 0.5 (in[lb, n1, c] + in[lb, n2, c]) along one direction (-1: no neighbour).
-template <typename acc_t>
-__global__ void blur_kernel(const acc_t* __restrict__ in, const int32_t* __restrict__ neighbors, int dir, int d1,
-                            int64_t Bk, int64_t M, int64_t C, acc_t* __restrict__ out) {
-  const int64_t total = Bk * M * C;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t c = i % C;
-    const int64_t v = (i / C) % M;
-    const int64_t lb = i / (C * M);
-    const int32_t* n = neighbors + ((lb * d1 + dir) * M + v) * 2;
-    const acc_t* in_b = in + lb * M * C;
-    const int32_t n1 = n[0], n2 = n[1];
-    acc_t side = acc_t(0);
-    if (n1 >= 0 && n1 < M) {
-      side += in_b[int64_t(n1) * C + c];
-    }
-    if (n2 >= 0 && n2 < M) {
-      side += in_b[int64_t(n2) * C + c];
-    }
-    out[i] = in[i] + acc_t(0.5) * side;
-  }
-}
 
 // filter(1) at every point (the blurred splat of ones, ones [Bk, M], sliced) -> the normalisation's per-point
 // scale [Bk, N].
@@ -353,13 +299,13 @@ void lattice_pass(const Launch& launch, const Term<scalar_t, acc_t>& t, const ac
   const int64_t items = t.Bk * t.Mmax * C;
   acc_t* buffers[2] = {t.lattice.template mutable_data_ptr<acc_t>(), scratch};
   int in = d1 % 2;  // each blur pass moves to the other buffer: the last one lands in the term's lattice
-  splat_kernel<scalar_t, acc_t><<<launch.grid(items), kThreads, 0, launch.stream>>>(
+  lattice::splat_kernel<acc_t, scalar_t, acc_t><<<launch.grid(items), kThreads, 0, launch.stream>>>(
       values, pre, t.splat_offsets.template const_data_ptr<int32_t>(),
       t.splat_points.template const_data_ptr<int32_t>(), t.splat_points_weight.template const_data_ptr<scalar_t>(),
       t.Bk, t.Mmax, N, N * d1, values == nullptr ? 1 : L, C, t.folded, buffers[in]);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   for (int dir = 0; dir < d1; ++dir) {
-    blur_kernel<acc_t><<<launch.grid(items), kThreads, 0, launch.stream>>>(
+    lattice::blur_kernel<acc_t><<<launch.grid(items), kThreads, 0, launch.stream>>>(
         buffers[in], t.blur_neighbors.template const_data_ptr<int32_t>(), dir, d1, t.Bk, t.Mmax, C,
         buffers[1 - in]);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -47,6 +47,7 @@
 #include <optional>
 #include <tuple>
 
+#include "lattice/cuda/passes.cuh"
 #include "lattice/lattice_args.h"
 #include "lattice/lattice_math.h"
 
@@ -285,54 +286,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 // --- filter -----------------------------------------------------------------------------------------------
 
-// buf[b, v, c] = sum over v's CSR row of w * x[b, point, c].
-template <typename scalar_t, typename acc_t>
-__global__ void splat_kernel(const scalar_t* __restrict__ x, const int32_t* __restrict__ offsets,
-                             const int32_t* __restrict__ points, const scalar_t* __restrict__ points_weight,
-                             int64_t B, int64_t M, int64_t N, int64_t C, int64_t E, acc_t* __restrict__ buf) {
-  const int64_t total = B * M * C;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t c = i % C;
-    const int64_t v = (i / C) % M;
-    const int64_t b = i / (C * M);
-    const int32_t* off = offsets + b * (M + 1);
-    const int64_t first = min(max(int64_t(off[v]), int64_t(0)), E);
-    const int64_t last = min(max(int64_t(off[v + 1]), first), E);
-    const int32_t* pts = points + b * E;
-    const scalar_t* pw = points_weight + b * E;
-    const scalar_t* xb = x + b * N * C;
-    acc_t acc = acc_t(0);
-    for (int64_t e = first; e < last; ++e) {
-      const int64_t p = min(max(int64_t(pts[e]), int64_t(0)), N - 1);
-      acc += static_cast<acc_t>(pw[e]) * static_cast<acc_t>(xb[p * C + c]);
-    }
-    buf[i] = acc;
-  }
-}
-
-// out[b, v, c] = in[b, v, c] + 0.5 (in[b, n1, c] + in[b, n2, c]) along one direction.
-template <typename acc_t>
-__global__ void blur_kernel(const acc_t* __restrict__ in, const int32_t* __restrict__ neighbors, int dir, int d1,
-                            int64_t B, int64_t M, int64_t C, acc_t* __restrict__ out) {
-  const int64_t total = B * M * C;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t c = i % C;
-    const int64_t v = (i / C) % M;
-    const int64_t b = i / (C * M);
-    const int32_t* n = neighbors + ((b * d1 + dir) * M + v) * 2;
-    const acc_t* inb = in + b * M * C;
-    acc_t side = acc_t(0);
-    const int32_t n1 = n[0], n2 = n[1];
-    if (n1 >= 0 && n1 < M) {
-      side += inb[int64_t(n1) * C + c];
-    }
-    if (n2 >= 0 && n2 < M) {
-      side += inb[int64_t(n2) * C + c];
-    }
-    out[i] = in[i] + acc_t(0.5) * side;
-  }
-}
-
 // rows[b, p, c] = alpha * sum_k w[b, p, k] * buf[b, vertex[b, p, k], c].
 template <typename scalar_t, typename acc_t>
 __global__ void slice_kernel(const acc_t* __restrict__ buf, const int32_t* __restrict__ vertex,
@@ -378,9 +331,10 @@ at::Tensor lattice_filter_cuda(const at::Tensor& values, const at::Tensor& splat
       at::Tensor buf0 = at::empty({s.B, s.Mmax, s.C}, acc_opts);
       at::Tensor buf1 = at::empty({s.B, s.Mmax, s.C}, acc_opts);
       const int64_t vertex_items = s.B * s.Mmax * s.C;
-      splat_kernel<scalar_t, acc_t><<<grid_size(vertex_items), kThreads, 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), so.const_data_ptr<int32_t>(), sp.const_data_ptr<int32_t>(),
-          spw.const_data_ptr<scalar_t>(), s.B, s.Mmax, s.N, s.C, E, buf0.mutable_data_ptr<acc_t>());
+      splat_kernel<scalar_t, scalar_t, acc_t><<<grid_size(vertex_items), kThreads, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), nullptr, so.const_data_ptr<int32_t>(), sp.const_data_ptr<int32_t>(),
+          spw.const_data_ptr<scalar_t>(), s.B, s.Mmax, s.N, E, /*L=*/s.C, s.C, /*folded=*/1,
+          buf0.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       for (int step = 0; step <= d; ++step) {
         const int dir = reverse ? d - step : step;
