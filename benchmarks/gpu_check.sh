@@ -33,10 +33,12 @@ export PYTHONUNBUFFERED=1 # progress lines reach the log as they happen, and sur
 # pytest and the benchmark get SIGINT first, so they still write their junit report / partial results file.
 BUILD_LIMIT_S=${BUILD_LIMIT_S:-120}
 INFO_LIMIT_S=${INFO_LIMIT_S:-60}
-TESTS_LIMIT_S=${TESTS_LIMIT_S:-120} # the tests after the CUDA kernels' (CUDA_TESTS_LIMIT_S below)
-BENCH_LIMIT_S=${BENCH_LIMIT_S:-190}
+# A whole run takes about 8 minutes (a lent device runs one command for at most 10); the limits cap hung steps.
+CUDA_TESTS_LIMIT_S=${CUDA_TESTS_LIMIT_S:-60} # the compiled CUDA kernels' tests (lattice, CRF)
+TESTS_LIMIT_S=${TESTS_LIMIT_S:-100}          # every other GPU test
+BENCH_LIMIT_S=${BENCH_LIMIT_S:-175}
 # The benchmark starts no case after this many seconds; the cases left become 'skipped' rows.
-BENCH_BUDGET_S=${BENCH_BUDGET_S:-150}
+BENCH_BUDGET_S=${BENCH_BUDGET_S:-135}
 # Groups in order of what a run most needs measured: the CUDA dense CRF (its build and mean field are the
 # newest GPU code), the networks (never measured on a GPU yet), then the kernels measured before.
 BENCH_GROUPS=(crf models max_pool conv)
@@ -124,7 +126,6 @@ probe_error_path() {
 # then every other test file.
 CUDA_KERNEL_TESTS=(tests/test_lattice.py tests/test_crf.py tests/test_crf_fused.py)
 GPU_TEST_ORDER=(tests/test_max_pool.py tests/test_conv.py)
-CUDA_TESTS_LIMIT_S=${CUDA_TESTS_LIMIT_S:-60}
 
 other_test_files() {
     local file

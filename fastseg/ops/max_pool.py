@@ -277,7 +277,9 @@ def _pool_outputs(x: Tensor, kernel_size, stride, padding, dilation, ceil_mode, 
     OH, OW = _check_pool(x, k, s, p, d, ceil_mode)
     shape = (x.shape[0], x.shape[1], OH, OW)
     index_dtype = torch.int64 if return_indices else window_offset_dtype(k[0] * k[1])
-    return _empty_like_layout(shape, x, x.dtype), _empty_like_layout(shape, x, index_dtype), (k, s, p, d)
+    memory_format = _suggested_memory_format(x)  # once for both outputs (host time of small calls)
+    out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format)
+    return out, torch.empty(shape, dtype=index_dtype, device=x.device, memory_format=memory_format), (k, s, p, d)
 
 
 @torch.library.custom_op("fastseg::max_pool2d", mutates_args=())
