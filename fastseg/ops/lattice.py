@@ -434,9 +434,13 @@ class PermutohedralLattice:
         self.device = f.device
         self.dtype = f.dtype
         self.tables = tuple(torch.ops.fastseg.lattice_build(f))
-        self.num_vertices = [int(m) for m in self.tables[3].tolist()]
         self._tables_by_dtype: dict[torch.dtype, tuple[Tensor, ...]] = {f.dtype: self.tables}
         self._norms: dict[tuple[str, torch.dtype], Tensor] = {}
+
+    @property
+    def num_vertices(self) -> list[int]:
+        """The vertex count of each image's lattice, read from the tables when asked (on CUDA, a device read)."""
+        return [int(m) for m in self.tables[3].tolist()]
 
     def __repr__(self) -> str:
         return (f"PermutohedralLattice(batch_size={self.batch_size}, feature_dim={self.feature_dim}, "
