@@ -7,9 +7,10 @@
 //
 // Q stays on the device as points-major rows [B, N, L] in the accumulation type; each iteration is a fixed
 // sequence of launches on the current stream, with no host synchronisation:
-// - per term, a splat that gathers pre_k Q through the CSR of the lattice tables (work items: lattice image,
-//   vertex, channel; consecutive threads take consecutive channels, so the [*, C] rows coalesce; no atomics:
-//   deterministic), then d + 1 blur passes along directions 0..d, ping-ponging between the term's lattice and
+// - per term, a splat that gathers pre_k Q through the CSR of the lattice tables, its rows cut into chunks so
+//   that a photograph's long rows do not serialise it (lattice/cuda/passes.cuh: two launches; consecutive
+//   threads take consecutive channels, so the [*, C] rows coalesce; no atomics: deterministic), then d + 1
+//   blur passes along directions 0..d, ping-ponging between the term's lattice and
 //   a scratch buffer that the terms share (the splat starts in whichever buffer makes the last pass land in
 //   the term's own). A lattice of one image serving a batch of B folds the batch into the channels
 //   (C = B L): one pass serves every image;
@@ -21,8 +22,8 @@
 //   message buffer, and takes the softmax over the labels (max-subtracted, as the CPU) with shuffles,
 //   writing Q in place (the splats, earlier on the stream, have read it).
 // The normalisations n_k = filter_k(1) are computed once per call by the same splat and blur kernels.
-// Launches per iteration: per term 1 + (d + 1), 2 more per matrix term and 1 per Potts term beyond
-// kMaxFusedTerms, and the update (dense_crf's two Potts terms, d = 2 and 5: 12).
+// Launches per iteration: per term 2 + (d + 1), 2 more per matrix term and 1 per Potts term beyond
+// kMaxFusedTerms, and the update (dense_crf's two Potts terms, d = 2 and 5: 14).
 // Device memory per call: Q and the logits as rows ([B, N, L] each; the logits' rows
 // are a view when they already are points-major), per term a lattice [B_k, M_k, (B / B_k) L] and its scale
 // [B_k, N], one scratch lattice of the largest size, and, with matrix terms or more Potts terms than fused, two
@@ -62,8 +63,7 @@ namespace fastseg {
 namespace crf {
 namespace {
 
-constexpr int kThreads = 256;  // a multiple of the warp size: the update's groups tile whole warps
-constexpr int kBlocksPerSM = 32;
+constexpr int kThreads = lattice::kPassThreads;  // a multiple of the warp size: the update's groups tile whole warps
 constexpr int kWarp = 32;
 // Potts terms whose slice the update kernel does itself (the common CRF has two terms); their views travel
 // in the kernel's parameters.
@@ -271,9 +271,7 @@ struct Launch {
   int64_t max_blocks;
   cudaStream_t stream;
 
-  unsigned int grid(int64_t items) const {
-    return static_cast<unsigned int>(std::clamp<int64_t>((items + kThreads - 1) / kThreads, 1, max_blocks));
-  }
+  unsigned int grid(int64_t items) const { return lattice::pass_grid(items, max_blocks); }
 };
 
 // One term on the device: its tables, its lattice buffer and its normalisation.
@@ -283,6 +281,7 @@ struct Term {
   at::Tensor compat_t;  // M_k transposed, or undefined: Potts
   at::Tensor lattice;   // [Bk, Mmax, C]
   at::Tensor scale;     // the normalisation's [Bk, N], or undefined
+  lattice::SplatChunks chunks;  // the splat's rows in chunks (lattice/cuda/passes.cuh)
   int64_t Bk, Mmax, folded, C;
   int d;
   const acc_t* pre;
@@ -290,20 +289,26 @@ struct Term {
 };
 
 // splat, then blur along 0..d: `values` ([B, N, L] rows, or nullptr: ones with one channel) times pre through
-// term t's lattice, into t.lattice; `scratch` holds at least as many values.
+// term t's lattice, into t.lattice; `scratch` holds at least as many values, `partial` the splat's chunk sums.
 template <typename scalar_t, typename acc_t>
 void lattice_pass(const Launch& launch, const Term<scalar_t, acc_t>& t, const acc_t* values, const acc_t* pre,
-                  int64_t N, int64_t L, acc_t* scratch) {
+                  int64_t N, int64_t L, acc_t* scratch, acc_t* partial) {
   const int d1 = t.d + 1;
   const int64_t C = values == nullptr ? 1 : t.C;
   const int64_t items = t.Bk * t.Mmax * C;
   acc_t* buffers[2] = {t.lattice.template mutable_data_ptr<acc_t>(), scratch};
   int in = d1 % 2;  // each blur pass moves to the other buffer: the last one lands in the term's lattice
-  lattice::splat_kernel<acc_t, scalar_t, acc_t><<<launch.grid(items), kThreads, 0, launch.stream>>>(
-      values, pre, t.splat_offsets.template const_data_ptr<int32_t>(),
-      t.splat_points.template const_data_ptr<int32_t>(), t.splat_points_weight.template const_data_ptr<scalar_t>(),
-      t.Bk, t.Mmax, N, N * d1, values == nullptr ? 1 : L, C, t.folded, buffers[in]);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const lattice::SplatSource<acc_t, scalar_t, acc_t> source{values,
+                                                            pre,
+                                                            t.splat_offsets.template const_data_ptr<int32_t>(),
+                                                            t.splat_points.template const_data_ptr<int32_t>(),
+                                                            t.splat_points_weight.template const_data_ptr<scalar_t>(),
+                                                            N,
+                                                            N * d1,
+                                                            values == nullptr ? 1 : L,
+                                                            C,
+                                                            t.folded};
+  lattice::splat(source, t.chunks, t.Bk, t.Mmax, partial, buffers[in], launch.max_blocks, launch.stream);
   for (int dir = 0; dir < d1; ++dir) {
     lattice::blur_kernel<acc_t><<<launch.grid(items), kThreads, 0, launch.stream>>>(
         buffers[in], t.blur_neighbors.template const_data_ptr<int32_t>(), dir, d1, t.Bk, t.Mmax, C,
@@ -339,9 +344,7 @@ void mean_field(const MeanFieldArgs& args, const at::Tensor& logits, at::TensorL
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = args.B, L = args.L, N = args.N;
   const auto acc_options = logits.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  int sm_count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
-  const Launch launch{static_cast<int64_t>(sm_count) * kBlocksPerSM, c10::cuda::getCurrentCUDAStream().stream()};
+  const Launch launch{lattice::pass_max_blocks(), c10::cuda::getCurrentCUDAStream().stream()};
 
   const at::Tensor rows = logits.transpose(1, 2).contiguous();  // [B, N, L]
   at::Tensor q = at::empty({B, N, L}, acc_options);
@@ -359,7 +362,7 @@ void mean_field(const MeanFieldArgs& args, const at::Tensor& logits, at::TensorL
 
   if (iterations > 0 && !args.terms.empty()) {
     std::vector<Term<scalar_t, acc_t>> terms(args.terms.size());
-    int64_t scratch_size = 0;
+    int64_t scratch_size = 0, partial_size = 0;
     for (size_t k = 0; k < terms.size(); ++k) {
       const TermArgs& ta = args.terms[k];
       Term<scalar_t, acc_t>& t = terms[k];
@@ -376,11 +379,15 @@ void mean_field(const MeanFieldArgs& args, const at::Tensor& logits, at::TensorL
       t.C = t.folded * L;
       t.lattice = at::empty({t.Bk, t.Mmax, t.C}, acc_options);
       scratch_size = std::max(scratch_size, t.lattice.numel());
+      t.chunks = lattice::make_splat_chunks(t.splat_offsets, t.Bk, t.Mmax, N * (t.d + 1), launch.max_blocks,
+                                            launch.stream);
+      partial_size = std::max(partial_size, t.Bk * t.chunks.S * t.C);
       if (ta.compat.defined()) {
         t.compat_t = ta.compat.t().contiguous();
       }
     }
     at::Tensor scratch = at::empty({scratch_size}, acc_options);
+    at::Tensor partial = at::empty({partial_size}, acc_options);
     // The normalisations: filter(1) through the term's lattice (one channel), sliced into the per-point scale.
     for (size_t k = 0; k < terms.size(); ++k) {
       Term<scalar_t, acc_t>& t = terms[k];
@@ -388,7 +395,8 @@ void mean_field(const MeanFieldArgs& args, const at::Tensor& logits, at::TensorL
       t.pre = nullptr;
       const acc_t* post = nullptr;
       if (mode != Normalization::kNone) {
-        lattice_pass<scalar_t, acc_t>(launch, t, nullptr, nullptr, N, L, scratch.mutable_data_ptr<acc_t>());
+        lattice_pass<scalar_t, acc_t>(launch, t, nullptr, nullptr, N, L, scratch.mutable_data_ptr<acc_t>(),
+                                      partial.mutable_data_ptr<acc_t>());
         t.scale = at::empty({t.Bk, N}, acc_options);
         normalization_kernel<scalar_t, acc_t><<<launch.grid(t.Bk * N), kThreads, 0, launch.stream>>>(
             t.lattice.template const_data_ptr<acc_t>(), t.splat_vertex.template const_data_ptr<int32_t>(),
@@ -425,7 +433,8 @@ void mean_field(const MeanFieldArgs& args, const at::Tensor& logits, at::TensorL
     }
     for (int64_t it = 0; it < iterations; ++it) {
       for (const Term<scalar_t, acc_t>& t : terms) {
-        lattice_pass<scalar_t, acc_t>(launch, t, update.q, t.pre, N, L, scratch.mutable_data_ptr<acc_t>());
+        lattice_pass<scalar_t, acc_t>(launch, t, update.q, t.pre, N, L, scratch.mutable_data_ptr<acc_t>(),
+                                      partial.mutable_data_ptr<acc_t>());
       }
       bool msg_written = false;
       for (size_t k = 0; k < terms.size(); ++k) {

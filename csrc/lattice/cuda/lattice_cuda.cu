@@ -13,7 +13,8 @@
 // the CPU build's (first appearance); the filter does not depend on it.
 //
 // Filter: all images go in one launch per pass: work items are (image, padded vertex or point, channel),
-// consecutive threads take consecutive channels, so the [*, C] row reads and writes coalesce. Padding vertices
+// consecutive threads take consecutive channels, so the [*, C] row reads and writes coalesce; the splat's CSR
+// rows are cut into chunks first (lattice/cuda/passes.cuh), so that long rows do not serialise it. Padding vertices
 // (>= num_vertices[b]) have empty splat rows and no neighbours, so they stay 0 and no one reads them: the
 // kernels never need num_vertices, hence no host synchronisation. Every pass is a gather (no atomics): the
 // result is deterministic.
@@ -54,16 +55,6 @@
 namespace fastseg {
 namespace lattice {
 namespace {
-
-constexpr int kThreads = 256;
-constexpr int kBlocksPerSM = 32;
-
-unsigned int grid_size(int64_t total) {
-  int sm_count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
-  const int64_t wanted = std::max<int64_t>(1, (total + kThreads - 1) / kThreads);
-  return static_cast<unsigned int>(std::min(wanted, static_cast<int64_t>(sm_count) * kBlocksPerSM));
-}
 
 // --- build ------------------------------------------------------------------------------------------------
 
@@ -216,6 +207,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t E = N * d1;
   const c10::cuda::CUDAGuard device_guard(features.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t max_blocks = pass_max_blocks();
   const auto int_opts = features.options().dtype(at::kInt);
   at::Tensor splat_vertex = at::empty({B, N, d1}, int_opts);
   at::Tensor splat_weight = at::empty({B, N, d1}, features.options());
@@ -235,7 +227,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     scale.s[i] = elevation_scale<double>(i, d);
   }
   AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "ext_lattice_build_cuda", [&] {
-    simplex_kernel<scalar_t><<<grid_size(B * N), kThreads, 0, stream>>>(
+    simplex_kernel<scalar_t><<<pass_grid(B * N, max_blocks), kPassThreads, 0, stream>>>(
         features.const_data_ptr<scalar_t>(), features.stride(0), features.stride(1), features.stride(2), d, B, N,
         scale, simplex.mutable_data_ptr<int32_t>(), splat_weight.mutable_data_ptr<scalar_t>(),
         reinterpret_cast<unsigned long long*>(bad.mutable_data_ptr<int64_t>()));
@@ -244,8 +236,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor table = at::full({B, capacity}, -1, int_opts);
   at::Tensor slot = at::empty({B, E}, int_opts);  // slot indices < capacity <= 2^32, stored as uint32
   uint32_t* const slot_ptr = reinterpret_cast<uint32_t*>(slot.mutable_data_ptr<int32_t>());
-  insert_kernel<<<grid_size(B * E), kThreads, 0, stream>>>(simplex.const_data_ptr<int32_t>(), d, B, E, capacity,
-                                                           table.mutable_data_ptr<int32_t>(), slot_ptr);
+  insert_kernel<<<pass_grid(B * E, max_blocks), kPassThreads, 0, stream>>>(
+      simplex.const_data_ptr<int32_t>(), d, B, E, capacity, table.mutable_data_ptr<int32_t>(), slot_ptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const at::Tensor slot_count = at::cumsum(table.ge(0), 1, at::kInt);
   const at::Tensor num_vertices = slot_count.select(1, capacity - 1).to(at::kLong);
@@ -259,16 +251,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   const int64_t Mmax = *std::max_element(nv, nv + B);
   at::Tensor owner = at::empty({B, Mmax}, int_opts);
-  vertex_owner_kernel<<<grid_size(B * capacity), kThreads, 0, stream>>>(
+  vertex_owner_kernel<<<pass_grid(B * capacity, max_blocks), kPassThreads, 0, stream>>>(
       table.const_data_ptr<int32_t>(), slot_count.const_data_ptr<int32_t>(), B, capacity, Mmax,
       owner.mutable_data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  splat_vertex_kernel<<<grid_size(B * E), kThreads, 0, stream>>>(
+  splat_vertex_kernel<<<pass_grid(B * E, max_blocks), kPassThreads, 0, stream>>>(
       slot_ptr, slot_count.const_data_ptr<int32_t>(), B, E, capacity, splat_vertex.mutable_data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   at::Tensor blur_neighbors = at::empty({B, d1, Mmax, 2}, int_opts);
   if (Mmax > 0) {
-    neighbors_kernel<<<grid_size(B * d1 * Mmax), kThreads, 0, stream>>>(
+    neighbors_kernel<<<pass_grid(B * d1 * Mmax, max_blocks), kPassThreads, 0, stream>>>(
         simplex.const_data_ptr<int32_t>(), table.const_data_ptr<int32_t>(), slot_count.const_data_ptr<int32_t>(),
         owner.const_data_ptr<int32_t>(), num_vertices.const_data_ptr<int64_t>(), d, B, E, capacity, Mmax,
         blur_neighbors.mutable_data_ptr<int32_t>());
@@ -325,26 +317,30 @@ at::Tensor lattice_filter_cuda(const at::Tensor& values, const at::Tensor& splat
     const int d = static_cast<int>(s.d), d1 = d + 1;
     const int64_t E = s.N * d1;
     const auto stream = c10::cuda::getCurrentCUDAStream();
+    const int64_t max_blocks = pass_max_blocks();
+    const SplatChunks chunks = make_splat_chunks(so, s.B, s.Mmax, E, max_blocks, stream);
     AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "ext_lattice_filter_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const auto acc_opts = values.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
       at::Tensor buf0 = at::empty({s.B, s.Mmax, s.C}, acc_opts);
       at::Tensor buf1 = at::empty({s.B, s.Mmax, s.C}, acc_opts);
       const int64_t vertex_items = s.B * s.Mmax * s.C;
-      splat_kernel<scalar_t, scalar_t, acc_t><<<grid_size(vertex_items), kThreads, 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), nullptr, so.const_data_ptr<int32_t>(), sp.const_data_ptr<int32_t>(),
-          spw.const_data_ptr<scalar_t>(), s.B, s.Mmax, s.N, E, /*L=*/s.C, s.C, /*folded=*/1,
-          buf0.mutable_data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      at::Tensor partial = at::empty({s.B, chunks.S, s.C}, acc_opts);
+      const SplatSource<scalar_t, scalar_t, acc_t> source{x.const_data_ptr<scalar_t>(), nullptr,
+                                                          so.const_data_ptr<int32_t>(), sp.const_data_ptr<int32_t>(),
+                                                          spw.const_data_ptr<scalar_t>(), s.N, E, /*L=*/s.C, s.C,
+                                                          /*folded=*/1};
+      splat(source, chunks, s.B, s.Mmax, partial.mutable_data_ptr<acc_t>(), buf0.mutable_data_ptr<acc_t>(),
+            max_blocks, stream);
       for (int step = 0; step <= d; ++step) {
         const int dir = reverse ? d - step : step;
-        blur_kernel<acc_t><<<grid_size(vertex_items), kThreads, 0, stream>>>(
+        blur_kernel<acc_t><<<pass_grid(vertex_items, max_blocks), kPassThreads, 0, stream>>>(
             buf0.const_data_ptr<acc_t>(), bn.const_data_ptr<int32_t>(), dir, d1, s.B, s.Mmax, s.C,
             buf1.mutable_data_ptr<acc_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         std::swap(buf0, buf1);
       }
-      slice_kernel<scalar_t, acc_t><<<grid_size(rows.numel()), kThreads, 0, stream>>>(
+      slice_kernel<scalar_t, acc_t><<<pass_grid(rows.numel(), max_blocks), kPassThreads, 0, stream>>>(
           buf0.const_data_ptr<acc_t>(), sv.const_data_ptr<int32_t>(), sw.const_data_ptr<scalar_t>(), d1, s.B,
           s.Mmax, s.N, s.C, slice_alpha<acc_t>(d), rows.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
