@@ -774,7 +774,7 @@ def test_gpu_forward_large(one_autotune_config, dtype, layout, index):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("index, dtype, layout", GPU_COMBOS[::2])
+@pytest.mark.parametrize("index, dtype, layout", GPU_COMBOS[::4])
 def test_gpu_auto_times_and_both_candidates_match(one_autotune_config, monkeypatch, dtype, layout, index):
     """"auto" picks one implementation per problem; whichever it picks, both candidates (Triton, and cuDNN with
     the affine folded, through cudnn_convolution_(add_)relu where the epilogue ends in a ReLU) match the
