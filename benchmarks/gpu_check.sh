@@ -9,6 +9,8 @@
 #
 #   FASTSEG_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh
 #
+# (first, on the machine that sends it: bash scripts/device_deps.sh, and carry device_deps: see below.)
+#
 # Every step runs even when an earlier one failed; the script exits non-zero if any step failed.
 # To add a check, add one `run_step NAME COMMAND...` line to main, with a `timeout` that keeps the sum of the
 # limits inside the lease (about 8 minutes for the whole script on an H100, leaving time to start a machine).
@@ -28,6 +30,11 @@ if [[ -x /usr/bin/g++ && -x /usr/bin/gcc ]]; then
     export CC=/usr/bin/gcc CXX=/usr/bin/g++
 fi
 export PYTHONUNBUFFERED=1 # progress lines reach the log as they happen, and survive a killed step
+# References the lent machines cannot install (no internet), staged by scripts/device_deps.sh and carried with
+# the working tree (the device tool's carry=["device_deps"]): pydensecrf for the CRF benchmark.
+if [[ -d $REPO_ROOT/device_deps ]]; then
+    export PYTHONPATH="$REPO_ROOT/device_deps${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 # Wall-clock limits per step, in seconds: a hung step is stopped and recorded, and the later steps still run.
 # pytest and the benchmark get SIGINT first, so they still write their junit report / partial results file.
@@ -72,6 +79,8 @@ print_environment() { # each line printed even when another fails; the step fail
 print(f"python {sys.version.split()[0]} ({sys.executable}), torch {torch.__version__} (CUDA {torch.version.cuda}), "
       f"triton {triton.__version__}, device {torch.cuda.get_device_name()}")' || rc=$?
     "$CUDA_HOME/bin/nvcc" --version | tail -n 2 || rc=$?
+    "$PYTHON" -c 'import pydensecrf.densecrf; print("pydensecrf: importable (the CRF reference)")' 2>/dev/null ||
+        echo "pydensecrf: not importable (carry device_deps from scripts/device_deps.sh): fastseg CPU is the reference"
     return "$rc"
 }
 

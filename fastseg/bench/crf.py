@@ -342,7 +342,7 @@ def crf_comparison(reference: Callable[[], Any], reference_name: str, logits: to
     check = describe_monai_agreement if reference_name == MONAI else check_agreement
     return Workload(
         reference=reference,
-        reference_on_cpu=reference_name != MONAI,  # pydensecrf and fastseg's C++ path
+        reference_wall_clock=reference_name != MONAI,  # pydensecrf and fastseg's C++ path run on the CPU
         fastseg=functools.partial(run_fastseg, logits, image, kernels),
         # read the logits and the image, write Q: the floor, far below the lattice's real traffic
         fastseg_bytes=2 * logits.numel() * 4 + image.numel() * 4,

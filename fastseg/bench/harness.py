@@ -141,9 +141,10 @@ class Workload:
     fastseg_forward_for_backward: Callable[[], Any] | None = None
     # Floating-point operations of one fastseg call, for compute-bound ops (TFLOP/s = this / fastseg's time).
     fastseg_flops: int | None = None
-    # The reference runs on the CPU whatever the bench's device (pydensecrf, fastseg's C++ path): timed by the
-    # CPU clock, not with CUDA events (whose do_bench would repeat a seconds-long call several more times).
-    reference_on_cpu: bool = False
+    # Time the reference by the host's clock, not with CUDA events: for references that run on the CPU or end
+    # in a host synchronisation (pydensecrf, fastseg's C++ path), whose seconds-long calls do_bench would
+    # repeat several more times.
+    reference_wall_clock: bool = False
 
 
 @dataclass
@@ -285,7 +286,7 @@ def run_case(case: Case, device: torch.device, fastseg_context: Callable[[], Con
         row.notes.append(f"setup failed: {describe_error(error)}")
         return row
 
-    reference_device = torch.device("cpu") if workload.reference_on_cpu else device
+    reference_device = torch.device("cpu") if workload.reference_wall_clock else device
     reference = measure(workload.reference, workload.reference_forward_for_backward, reference_device)
     fastseg = measure(workload.fastseg, workload.fastseg_forward_for_backward, device, fastseg_context)
     if reference.result is not None and fastseg.result is not None:

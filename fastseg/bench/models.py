@@ -495,6 +495,7 @@ def crf_pipeline_workload(network: Network, size: int, device: torch.device, inf
 
     return Workload(
         reference=reference,
+        reference_wall_clock=True,  # pydensecrf on the CPU after the scores' copy: seconds a call
         fastseg=_timed_first_call(fastseg_pipeline, device, first_calls, "fastseg"),
         fastseg_bytes=x.numel() * 4 * 2 + network.batch * labels * size * size * 4,
         check=check_crf_pipeline,
