@@ -39,7 +39,7 @@ import triton.language as tl
 
 from fastseg._backend import triton_interpreting
 from fastseg.ops._indexing import needs_int64
-from fastseg.ops.conv_kernels import CONFIGS, _is_channels_last, _pixel_coords
+from fastseg.ops.conv_kernels import CONFIGS, _pixel_coords
 
 # The input gradient's GEMM has the forward's shape (pixels x channels, reduction over channels): its configs.
 DGRAD_CONFIGS = CONFIGS
@@ -60,6 +60,10 @@ _AUTOTUNE_KEY = ["N", "C", "H", "W", "K", "OH", "OW", "KH", "KW", "SH", "SW", "D
 # (shorter chunks spend more on the workspace and its sum than they win in parallelism).
 _WGRAD_TILES_PER_SM = 2
 _WGRAD_MIN_CHUNK = 4096
+
+
+def _is_channels_last(t):
+    return t.size(1) > 1 and t.stride(1) == 1
 
 
 @triton.jit

@@ -42,8 +42,9 @@ CONFIGS = [
 ]
 # Under the interpreter: one small configuration (tl.dot needs every block dimension >= 16).
 INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16}
+# The problem: sizes, window, precision, and x's channel stride (1 for channels_last: the layout).
 _AUTOTUNE_KEY = ["N", "C", "H", "W", "K", "OH", "OW", "KH", "KW", "SH", "SW", "DH", "DW", "FP32_INPUTS",
-                 "ALLOW_TF32", "CHANNELS_LAST"]
+                 "ALLOW_TF32", "sxc"]
 
 # depthwise: BLOCK_P output pixels x BLOCK_C output channels per program
 _DW_BLOCK_P = 64
@@ -92,15 +93,16 @@ def _conv2d_igemm_kernel(
     swk, swc, swh, sww,
     son, soc, soh, sow,
     srn, src, srh, srw,
-    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    KH, KW, SH, SW, PH, PW, DH, DW,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-    FP32_INPUTS: tl.constexpr, ALLOW_TF32: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr,
+    FP32_INPUTS: tl.constexpr, ALLOW_TF32: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # C: input channels, K: output channels (the GEMM's N dimension). CHANNELS_LAST only enters the autotune
-    # key: the addressing is the same for every layout.
+    # C: input channels, K: output channels (the GEMM's N dimension). The window (KH, KW, stride, padding,
+    # dilation) is runtime: the loop below walks the taps at run time anyway, and constants would compile a
+    # kernel per layer shape (a network's first call would compile dozens); the addressing is the same for
+    # every layout.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     M = N * OH * OW
@@ -187,10 +189,6 @@ def _conv2d_depthwise_kernel(
               HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RESIDUAL, RELU)
 
 
-def _is_channels_last(t):
-    return t.size(1) > 1 and t.stride(1) == 1
-
-
 def forward(x, weight, bias, scale, shift, residual, out, stride, padding, dilation, groups, relu, allow_tf32,
             config=None) -> None:
     """Write act((conv2d(x, weight) + bias) * scale + shift + residual) into ``out``, every element of it.
@@ -225,8 +223,7 @@ def forward(x, weight, bias, scale, shift, residual, out, stride, padding, dilat
         _conv2d_depthwise_kernel[grid](*args, N, C, H, W, K, OH, OW, K // C, *strides, **common,
                                        BLOCK_P=_DW_BLOCK_P, BLOCK_C=_DW_BLOCK_C, num_warps=_DW_WARPS)
         return
-    common.update(FP32_INPUTS=x.dtype == torch.float32, ALLOW_TF32=bool(allow_tf32) and x.dtype == torch.float32,
-                  CHANNELS_LAST=_is_channels_last(x))
+    common.update(FP32_INPUTS=x.dtype == torch.float32, ALLOW_TF32=bool(allow_tf32) and x.dtype == torch.float32)
     if config is None and triton_interpreting():
         config = INTERPRETER_CONFIG
     if config is not None:
