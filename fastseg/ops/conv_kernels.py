@@ -85,7 +85,9 @@ def _pixel_coords(offs, OH, OW, INDEX_64: tl.constexpr):
     return n, oh, ow
 
 
-@triton.jit
+# Sizes and the window are not specialized on (Triton would compile a kernel per pattern of "== 1" and
+# "divisible by 16" among them, i.e. per layer shape); the strides are, for the alignment of vector loads.
+@triton.jit(do_not_specialize=["N", "H", "W", "OH", "OW", "KH", "KW", "SH", "SW", "PH", "PW", "DH", "DW"])
 def _conv2d_igemm_kernel(
     x_ptr, w_ptr, out_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr,
     N, C, H, W, K, OH, OW,
