@@ -81,11 +81,19 @@ def main() -> None:
 
     out = torch.empty(16, 512, 22, 30, device=device, dtype=torch.bfloat16)
     offsets = torch.empty(out.shape, device=device, dtype=torch.int8)
+    def extension_pool(t):
+        with fastseg.backend("extension"):
+            return fastseg.max_pool2d(t, 2)
+
     cases = {
         "max_pool fwd   torch": lambda: F.max_pool2d(x, 2),
         "max_pool fwd   fastseg": lambda: fastseg.max_pool2d(x, 2),
         "max_pool fwd   custom op": lambda: torch.ops.fastseg.max_pool2d(x, (2, 2), (2, 2), (0, 0), (1, 1), False, False),
         "max_pool fwd   kernel launch": lambda: max_pool_kernels.forward(x, out, offsets, (2, 2), (2, 2), (0, 0), (1, 1)),
+        # the same op on the extension's CUDA kernel (a C++ launch instead of Triton's Python launcher)
+        "max_pool fwd   extension": lambda: extension_pool(x),
+        "max_pool fwd   extension op": lambda: torch.ops.fastseg.ext_max_pool2d_out(
+            x, out, offsets, [2, 2], [2, 2], [0, 0], [1, 1]),
         "max_pool f+b   torch": lambda: torch.autograd.grad(F.max_pool2d(xg, 2), xg, grad),
         "max_pool f+b   fastseg": lambda: torch.autograd.grad(fastseg.max_pool2d(xg, 2), xg, grad),
         "conv fwd       torch conv2d": lambda: F.conv2d(conv_x, w, padding=2, dilation=2),
