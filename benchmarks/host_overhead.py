@@ -1,4 +1,5 @@
-"""Where a small op's time goes on CUDA: host microseconds per call, and a profiler table (a gpu_check step).
+"""Where a small op's time goes on CUDA: host microseconds per call, and a profiler table (a gpu_check step);
+then the kernels of one dense CRF call (the README workload) by device time.
 
 The side-by-side benchmark times each call with CUDA events (triton.testing.do_bench). When an op's host work
 (Python, dispatch, kernel launch) outlasts its kernel, the events measure the host; this script separates
@@ -81,6 +82,7 @@ def main() -> None:
 
     out = torch.empty(16, 512, 22, 30, device=device, dtype=torch.bfloat16)
     offsets = torch.empty(out.shape, device=device, dtype=torch.int8)
+
     def extension_pool(t):
         with fastseg.backend("extension"):
             return fastseg.max_pool2d(t, 2)
@@ -116,6 +118,26 @@ def main() -> None:
                 torch.cuda.synchronize()
         print(f"\nprofile of 10 calls: {name}")
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=18, max_name_column_width=60))
+    profile_dense_crf(device)
+
+
+def profile_dense_crf(device: torch.device) -> None:
+    """Where one dense CRF call's time goes (the README workload's size: 512x512, 21 labels, 10 iterations):
+    wall time, then the kernels by device time."""
+    from fastseg.bench.crf import PHOTO_KERNELS, crf_workload
+
+    workload = crf_workload(512, device, "fastseg-cpu")
+    workload.fastseg()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    workload.fastseg()
+    torch.cuda.synchronize()
+    print(f"\ndense_crf 512x512, 21 labels, {PHOTO_KERNELS.label}: {(time.perf_counter() - start) * 1e3:.2f} ms "
+          "wall (lattice builds included)")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        workload.fastseg()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
 
 
 if __name__ == "__main__":
