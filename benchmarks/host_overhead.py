@@ -90,6 +90,8 @@ def main() -> None:
     cases = {
         "max_pool fwd   torch": lambda: F.max_pool2d(x, 2),
         "max_pool fwd   fastseg": lambda: fastseg.max_pool2d(x, 2),
+        # H100, 0cad134: at 16x512x45x60 this no-indices call took 0.27 ms, the with-indices one 0.08 ms
+        "max_pool fwd   fastseg indices": lambda: fastseg.max_pool2d_with_indices(x, 2),
         "max_pool fwd   custom op": lambda: torch.ops.fastseg.max_pool2d(x, (2, 2), (2, 2), (0, 0), (1, 1), False, False),
         "max_pool fwd   kernel launch": lambda: max_pool_kernels.forward(x, out, offsets, (2, 2), (2, 2), (0, 0), (1, 1)),
         # the same op on the extension's CUDA kernel (a C++ launch instead of Triton's Python launcher)
