@@ -19,9 +19,12 @@ def _devices() -> list[torch.device]:
 
 def _backend_for(op: str, device: torch.device) -> str:
     try:
-        return _backend.select(op, device)
+        chosen = _backend.select(op, device)
     except RuntimeError as err:
         return f"unavailable ({err})"
+    if op == "fused_conv2d" and chosen == "triton" and device.type == "cuda" and fastseg.current_backend() == "auto":
+        return "triton or cuDNN, the faster per problem (timed on its first call)"
+    return chosen
 
 
 def info() -> int:
