@@ -41,8 +41,8 @@ fi
 BUILD_LIMIT_S=${BUILD_LIMIT_S:-120}
 INFO_LIMIT_S=${INFO_LIMIT_S:-60}
 # A whole run takes about 8 minutes (a lent device runs one command for at most 10); the limits cap hung steps.
-CUDA_TESTS_LIMIT_S=${CUDA_TESTS_LIMIT_S:-60} # the compiled CUDA kernels' tests (lattice, CRF)
-TESTS_LIMIT_S=${TESTS_LIMIT_S:-100}          # every other GPU test
+CUDA_TESTS_LIMIT_S=${CUDA_TESTS_LIMIT_S:-80} # the compiled CUDA kernels' tests (lattice, CRF)
+TESTS_LIMIT_S=${TESTS_LIMIT_S:-90}           # every other GPU test
 BENCH_LIMIT_S=${BENCH_LIMIT_S:-175}
 # The benchmark starts no case after this many seconds; the cases left become 'skipped' rows.
 BENCH_BUDGET_S=${BENCH_BUDGET_S:-135}
