@@ -593,6 +593,7 @@ def test_memory_check_uses_the_available_memory(monkeypatch):
 
     logits, image = torch.randn(2, 3, 16, 20), torch.rand(2, 3, 16, 20) * 255
     required = crf_ops.dense_crf_bytes_lower_bound(2, 3, 320, 2, 3, True, True, torch.float32)
+    monkeypatch.setattr(lattice_ops, "MEMORY_CHECK_ABOVE_BYTES", 0)  # these sizes are below the threshold
     monkeypatch.setattr(lattice_ops, "available_memory_bytes", lambda device: required - 1)
     with pytest.raises(MemoryError, match="only 0.00 GiB are available"):
         fastseg.dense_crf(logits, image)
@@ -602,6 +603,9 @@ def test_memory_check_uses_the_available_memory(monkeypatch):
     monkeypatch.setattr(lattice_ops, "available_memory_bytes", lambda device: required)
     fastseg.dense_crf(logits, image)  # exactly enough: runs
     monkeypatch.setattr(lattice_ops, "available_memory_bytes", lambda device: None)  # unknown: no check
+    fastseg.dense_crf(logits, image)
+    monkeypatch.setattr(lattice_ops, "available_memory_bytes", lambda device: 0)
+    monkeypatch.setattr(lattice_ops, "MEMORY_CHECK_ABOVE_BYTES", required + 1)  # small problems: not queried
     fastseg.dense_crf(logits, image)
 
 

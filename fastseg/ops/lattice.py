@@ -380,8 +380,15 @@ def available_memory_bytes(device: torch.device) -> int | None:
     return None
 
 
+# Below this many bytes the query is skipped: reading MemAvailable (or the GPU's free memory) costs more than a
+# small problem, and a machine that cannot find 64 MiB fails in the allocator with a clear error anyway.
+MEMORY_CHECK_ABOVE_BYTES = 64 * 2**20
+
+
 def ensure_memory(required: int, device: torch.device, what: str) -> None:
     """Raise a MemoryError naming `what` when `required` bytes (a lower bound) exceed the available memory."""
+    if required < MEMORY_CHECK_ABOVE_BYTES:
+        return
     available = available_memory_bytes(device)
     if available is not None and required > available:
         raise MemoryError(
