@@ -368,7 +368,7 @@ def test_build_op_rejects_non_finite(backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cuda_filter_matches_cpu(dtype):
     skip_unless("extension")
-    if not L._extension_has_cuda_lattice():
+    if not fastseg.build_info()["cuda_kernels"]:
         pytest.skip("fastseg._C was built without the CUDA lattice filter")
     f = torch.randn(3, 5, 40, 50, dtype=dtype) * torch.tensor([0.5, 1.0, 2.0], dtype=dtype)[:, None, None, None]
     v = torch.randn(3, 21, 40, 50, dtype=dtype)
@@ -390,7 +390,7 @@ def test_cuda_filter_matches_cpu(dtype):
 
 def _skip_unless_cuda_build():
     skip_unless("extension")
-    if not L._extension_has_cuda_kernel("ext_lattice_build"):
+    if not fastseg.build_info()["cuda_kernels"]:
         pytest.skip("fastseg._C was built without the CUDA lattice build")
 
 

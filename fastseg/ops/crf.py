@@ -40,8 +40,7 @@ import torch
 from torch import Tensor
 
 from fastseg import _backend
-from fastseg.ops.lattice import (PermutohedralLattice, _extension_has_cuda_kernel, ensure_memory,
-                                 lattice_bytes_lower_bound)
+from fastseg.ops.lattice import PermutohedralLattice, ensure_memory, lattice_bytes_lower_bound
 
 # --- the lattice --------------------------------------------------------------------------------------------
 
@@ -156,11 +155,6 @@ def _fused_ops_available() -> bool:
     return _backend.extension() is not None and hasattr(torch.ops.fastseg, "ext_crf_mean_field")
 
 
-def _fused_kernel_runs_on(device: torch.device) -> bool:
-    """Whether ext_crf_mean_field has a kernel for `device` (CUDA: only in a build with the CUDA kernels)."""
-    return device.type == "cpu" or (device.type == "cuda" and _extension_has_cuda_kernel("ext_crf_mean_field"))
-
-
 def _register_extension_fakes() -> None:
     if not _fused_ops_available():
         return
@@ -174,12 +168,10 @@ _register_extension_fakes()
 
 
 def _can_fuse(logits: Tensor, terms: Sequence[PairwiseTerm]) -> bool:
-    """The fused path serves inference: float32/float64 tensors on a device the op has a kernel for (CPU, and
-    CUDA in a build with the CUDA kernels), the extension selected for the lattice, real PermutohedralLattices
+    """The fused path serves inference: float32/float64 tensors, the extension selected for the lattice (on
+    CUDA tensors that means a build with the CUDA kernels, the op's among them), real PermutohedralLattices
     (tests substitute exact filters), and nothing that autograd would have to reach."""
     if logits.dtype not in (torch.float32, torch.float64):
-        return False
-    if not _fused_ops_available() or not _fused_kernel_runs_on(logits.device):
         return False
     if _backend.select("permutohedral_lattice", logits.device) != "extension":
         return False

@@ -215,34 +215,15 @@ def reference_lattice_filter(values: Tensor, splat_vertex: Tensor, splat_weight:
 # --- dispatch to one backend ------------------------------------------------------------------------
 
 
-def _extension_has_cuda_kernel(op: str) -> bool:
-    return _backend.extension() is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        f"fastseg::{op}", "CUDA")
-
-
-def _extension_has_cuda_lattice() -> bool:
-    return _extension_has_cuda_kernel("ext_lattice_filter")
-
-
 def _build_into(features: Tensor) -> tuple[Tensor, ...]:
-    impl = _backend.select("permutohedral_lattice", features.device)
-    if impl == "extension":
-        if features.device.type == "cpu" or _extension_has_cuda_kernel("ext_lattice_build"):
-            return tuple(torch.ops.fastseg.ext_lattice_build(features))
-        # A CPU-only fastseg._C: build on the CPU and move the tables (the filter then takes the reference).
-        tables = torch.ops.fastseg.ext_lattice_build(features.cpu())
-        return tuple(t.to(features.device) for t in tables)
+    # "extension" on CUDA tensors means a build with the CUDA kernels, which has the build's and the filter's
+    if _backend.select("permutohedral_lattice", features.device) == "extension":
+        return tuple(torch.ops.fastseg.ext_lattice_build(features))
     return reference_lattice_build(features)
 
 
 def _filter_into(values: Tensor, tables: Sequence[Tensor], reverse: bool) -> Tensor:
-    impl = _backend.select("permutohedral_lattice", values.device)
-    if impl == "extension" and values.device.type != "cpu" and not _extension_has_cuda_lattice():
-        if _backend.current_backend() == "extension":
-            raise _backend.ExtensionUnavailableError(
-                "fastseg.permutohedral_lattice: fastseg._C has no CUDA lattice filter; use the reference backend")
-        impl = "reference"
-    if impl == "extension":
+    if _backend.select("permutohedral_lattice", values.device) == "extension":
         return torch.ops.fastseg.ext_lattice_filter(values, *tables, reverse)
     return reference_lattice_filter(values, *tables, reverse)
 
