@@ -317,7 +317,7 @@ def dense_crf_bytes_lower_bound(B: int, L: int, N: int, ndim: int, channels: int
     anything is built): the lattices' per-entry tables (lattice.lattice_bytes_lower_bound: the Gaussian lattice
     serves the batch, each image has its own bilateral one) and three [B, L, N] arrays (the logits in the
     compute dtype, Q, the result)."""
-    required = 3 * B * L * N * torch.empty((), dtype=compute).element_size()
+    required = 3 * B * L * N * compute.itemsize
     if gaussian:
         required += lattice_bytes_lower_bound(1, ndim, N, compute)
     if bilateral:

@@ -339,7 +339,7 @@ def lattice_bytes_lower_bound(images: int, d: int, N: int, dtype: torch.dtype) -
     per-entry tables (splat_vertex, splat_weight, splat_points, splat_points_weight: N (d + 1) entries each,
     per image). Not counted: the tables sized by the vertex count (unknown before the build) and the build's
     scratch."""
-    weight = torch.empty((), dtype=dtype).element_size()
+    weight = dtype.itemsize
     return images * N * (d + 1) * 2 * (4 + weight)
 
 
