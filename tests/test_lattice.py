@@ -468,7 +468,15 @@ def test_cuda_build_matches_cpu(B, d, N, dtype):
     f[:, :, : N // 4] = f[:, :, :1]  # many points in one simplex: many entries race for the same key
     gpu_tables = torch.ops.fastseg.ext_lattice_build(f.cuda())
     assert all(t.device.type == "cuda" for t in gpu_tables)
-    assert_same_lattice(torch.ops.fastseg.ext_lattice_build(f), gpu_tables)
+    cpu_tables = torch.ops.fastseg.ext_lattice_build(f)
+    assert_same_lattice(cpu_tables, gpu_tables)
+    # the clump's vertices have splat rows of over N / 4 entries: the CUDA splat's multi-chunk rows
+    assert int((cpu_tables[4][:, 1:] - cpu_tables[4][:, :-1]).max()) >= N // 4
+    v = torch.randn(B, 3, N, dtype=dtype)
+    for reverse in (False, True):
+        expected = torch.ops.fastseg.ext_lattice_filter(v, *cpu_tables, reverse)
+        got = torch.ops.fastseg.ext_lattice_filter(v.cuda(), *gpu_tables, reverse)
+        torch.testing.assert_close(got.cpu(), expected, **_tol(dtype))
     # non-contiguous features (any strides) build the same lattice
     ft = f.cuda().transpose(1, 2).contiguous().transpose(1, 2)
     assert_same_lattice(torch.ops.fastseg.ext_lattice_build(f), torch.ops.fastseg.ext_lattice_build(ft))
