@@ -517,3 +517,18 @@ def test_cuda_build_edge_cases_and_errors():
     # the CUDA state is still good after the errors
     assert_same_lattice(torch.ops.fastseg.ext_lattice_build(f.abs().clamp(max=3)),
                         torch.ops.fastseg.ext_lattice_build(f.abs().clamp(max=3).cuda()))
+
+
+@pytest.mark.gpu
+def test_cuda_opcheck():
+    """The registered ops and the extension's ops on CUDA tensors (the build's vertex count is data-dependent:
+    schema and fake checks for it)."""
+    _skip_unless_cuda_build()
+    f = torch.randn(2, 3, 40, dtype=torch.float64, device="cuda")
+    tables = torch.ops.fastseg.lattice_build(f)
+    v = torch.randn(2, 4, 40, dtype=torch.float64, device="cuda", requires_grad=True)
+    torch.library.opcheck(torch.ops.fastseg.lattice_filter.default, (v, *tables, False))
+    for op, args in ((torch.ops.fastseg.lattice_build.default, (f,)),
+                     (torch.ops.fastseg.ext_lattice_build.default, (f,)),
+                     (torch.ops.fastseg.ext_lattice_filter.default, (v.detach(), *tables, True))):
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
