@@ -177,6 +177,12 @@ def segmentation_unary(image, labels, rng):
     return futils.unary_from_softmax(_softmax(logits))
 
 
+def seeded_rng():
+    """A numpy Generator drawn from the test's seed (conftest's fixture seeds numpy's global state), so that
+    FASTSEG_TEST_SEED replays a failure."""
+    return np.random.default_rng(np.random.randint(2**31))
+
+
 def random_unary(labels, height, width, rng):
     return futils.unary_from_softmax(rng.dirichlet(np.ones(labels), size=height * width).T)
 
@@ -303,7 +309,7 @@ def _compat_apply(compat, x):
 @pytest.mark.parametrize("normalization", ["NO_NORMALIZATION", "NORMALIZE_BEFORE", "NORMALIZE_AFTER",
                                            "NORMALIZE_SYMMETRIC"])
 def test_compat_frontend_exact(exact_lattice, normalization):
-    rng = np.random.default_rng()
+    rng = seeded_rng()
     L, H, W = 3, 4, 6
     unary = random_unary(L, H, W, rng)
     image = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
@@ -341,11 +347,13 @@ def test_compat_frontend_exact(exact_lattice, normalization):
     assert q.dtype == np.float32 and q.shape == (L, H * W)
     np.testing.assert_array_equal(d.map(4), q.argmax(0))
 
-    # startInference / stepInference walk the same iterations
+    # startInference / stepInference walk the same iterations (in float32, through PairwiseTerm.message and
+    # torch's softmax where inference() runs the fused op: the two differ by float32 rounding, seen up to
+    # 1.7e-5 unnormalised), against the same exact reference and bound
     Q, tmp1, tmp2 = d.startInference()
     for _ in range(4):
         d.stepInference(Q, tmp1, tmp2)
-    np.testing.assert_allclose(Q, q, atol=1e-6)
+    np.testing.assert_allclose(Q, ref, atol=2e-5)
     assert np.isfinite(d.klDivergence(Q))
 
 
@@ -353,7 +361,7 @@ def test_compat_utils_match_pydensecrf():
     dcrf = pydensecrf()  # noqa: F841  (skip without pydensecrf)
     import pydensecrf.utils as putils
 
-    rng = np.random.default_rng()
+    rng = seeded_rng()
     sm = rng.dirichlet(np.ones(4), size=(5, 6)).transpose(2, 0, 1)
     labels = rng.integers(0, 5, (5, 6))
     img = rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)
@@ -453,7 +461,7 @@ PHOTOGRAPHS = [("astronaut", 256, 256, 2), ("chelsea", 96, 128, 2), ("coffee", 1
 @needs_lattice
 @pytest.mark.parametrize("name,height,width,step", PHOTOGRAPHS)
 def test_photographs_potts_against_pydensecrf(name, height, width, step):
-    rng = np.random.default_rng()
+    rng = seeded_rng()
     image = photograph(name, height, width, step)
     unary = segmentation_unary(image, 5, rng)
     expected = run_pydensecrf(unary, image)
@@ -465,7 +473,7 @@ def test_photographs_potts_against_pydensecrf(name, height, width, step):
 @needs_lattice
 @pytest.mark.parametrize("name,height,width,step", PHOTOGRAPHS[1:3])
 def test_photographs_full_compatibility_against_pydensecrf(name, height, width, step):
-    rng = np.random.default_rng()
+    rng = seeded_rng()
     image = photograph(name, height, width, step)
     labels = 6
     unary = segmentation_unary(image, labels, rng)
@@ -479,7 +487,7 @@ def test_photographs_full_compatibility_against_pydensecrf(name, height, width, 
 @pytest.mark.parametrize("full_compat", [False, True])
 def test_random_unaries_against_pydensecrf_batched(full_compat):
     """Random images and unaries, 21 labels, a batch of 3 in one call against pydensecrf image by image."""
-    rng = np.random.default_rng()
+    rng = seeded_rng()
     B, L, H, W = 3, 21, 64, 80
     images = rng.integers(0, 256, (B, H, W, 3), dtype=np.uint8)
     unaries = [random_unary(L, H, W, rng) for _ in range(B)]
@@ -498,7 +506,7 @@ def test_compat_frontend_is_a_drop_in_for_pydensecrf():
     dcrf = pydensecrf()
     import pydensecrf.utils as putils
 
-    rng = np.random.default_rng()
+    rng = seeded_rng()
     image = photograph("chelsea", 80, 112, 2)
     H, W = image.shape[:2]
     probs = np.ascontiguousarray(rng.dirichlet(np.ones(4), size=(H, W)).transpose(2, 0, 1), dtype=np.float32)
@@ -643,7 +651,7 @@ def test_compat_frontend_errors():
 @pytest.mark.gpu
 @needs_lattice
 def test_cuda_matches_cpu_and_pydensecrf():
-    rng = np.random.default_rng()
+    rng = seeded_rng()
     from fastseg.bench.crf import sample_image
 
     image = sample_image(256)  # the astronaut with scikit-image, else synthetic blobs (the GPU machines)

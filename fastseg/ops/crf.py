@@ -269,13 +269,16 @@ def _kernel_used(weight) -> bool:
     return isinstance(weight, Tensor) or weight != 0.0
 
 
-def _check_finite(t: Tensor, what: str) -> None:
-    if t.numel() == 0 or not t.is_floating_point():
+def _check_finite(*named: tuple[Tensor, str]) -> None:
+    """Raise naming the first of the (tensor, name) pairs that holds a NaN or Inf. One min/max reduction per
+    tensor (NaN propagates through it: no boolean temporary of the tensor's size), one device read for all."""
+    checked = [(t, what) for t, what in named if t.numel() and t.is_floating_point()]
+    if not checked:
         return
-    # one min/max reduction, through which NaN propagates: no boolean temporary of t's size
-    lo, hi = torch.aminmax(t)
-    if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
-        raise ValueError(f"dense_crf: {what} contains NaN or Inf")
+    finite = torch.stack([torch.isfinite(torch.stack(torch.aminmax(t))).all() for t, _ in checked]).tolist()
+    for ok, (_, what) in zip(finite, checked):
+        if not ok:
+            raise ValueError(f"dense_crf: {what} contains NaN or Inf")
 
 
 def _validate(logits, image, iterations, compatibility, spacing):
@@ -307,7 +310,7 @@ def _validate(logits, image, iterations, compatibility, spacing):
         if compatibility.shape != (L, L):
             raise ValueError(f"dense_crf: compatibility must be an [L, L] = [{L}, {L}] matrix, got shape "
                              f"{tuple(compatibility.shape)}")
-        _check_finite(compatibility, "compatibility")
+        _check_finite((compatibility, "compatibility"))
     return spacing, compatibility
 
 
@@ -374,8 +377,7 @@ def dense_crf(logits: Tensor, image: Tensor, *, iterations: int = 10, gaussian_s
     required = dense_crf_bytes_lower_bound(B, L, N, ndim, image.shape[1], _kernel_used(w_gauss), _kernel_used(w_bilat),
                                            compute)
     ensure_memory(required, logits.device, f"dense_crf of {B} x {L} labels x {N} points")
-    _check_finite(logits, "logits")
-    _check_finite(image, "image")
+    _check_finite((logits, "logits"), (image, "image"))
     unary = logits.to(compute).reshape(B, L, N)
     if compatibility is not None:
         compatibility = compatibility.to(device=logits.device, dtype=compute)
