@@ -126,9 +126,9 @@ def main() -> None:
 def profile_dense_crf(device: torch.device) -> None:
     """Where one dense CRF call's time goes (the README workload's size: 512x512, 21 labels, 10 iterations):
     wall time, then the kernels by device time."""
-    from fastseg.bench.crf import PHOTO_KERNELS, crf_workload
+    from fastseg.bench.crf import CPU_REFERENCE, PHOTO_KERNELS, crf_workload
 
-    workload = crf_workload(512, device, "fastseg-cpu")
+    workload = crf_workload(512, device, CPU_REFERENCE)
     workload.fastseg()
     torch.cuda.synchronize()
     start = time.perf_counter()

@@ -398,17 +398,7 @@ void check_table_ids(const FilterShape& s, const at::Tensor& splat_vertex, const
     const int32_t N = static_cast<int32_t>(s.N);
     const int32_t* off = splat_offsets.const_data_ptr<int32_t>() + b * (s.Mmax + 1);
     const int32_t* pts = splat_points.const_data_ptr<int32_t>() + b * E;
-    std::atomic<bool> ok{true};
-    at::parallel_for(0, E, kWorkPerChunk, [&](int64_t begin, int64_t end) {
-      bool good = true;
-      for (int64_t e = begin; e < end; ++e) {
-        good &= (pts[e] >= 0) & (pts[e] < N);
-      }
-      if (!good) {
-        ok = false;
-      }
-    });
-    TORCH_CHECK(ok.load(), "lattice_filter: image ", b, ": splat_points holds an id out of range");
+    TORCH_CHECK(ids_in_range(pts, E, 0, N), "lattice_filter: image ", b, ": splat_points holds an id out of range");
     bool good = off[0] == 0 && off[M] == E;
     for (int64_t v = 0; v < M && good; ++v) {
       good = off[v] <= off[v + 1];

@@ -39,6 +39,21 @@ void parallel_tasks(int64_t tasks, const Fn& fn) {
   });
 }
 
+// Whether every one of `count` ids lies in lo..hi-1 (in parallel: the tables hold N (d + 1) ids per image).
+inline bool ids_in_range(const int32_t* ids, int64_t count, int32_t lo, int32_t hi) {
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, count, kWorkPerChunk, [&](int64_t begin, int64_t end) {
+    bool good = true;
+    for (int64_t i = begin; i < end; ++i) {
+      good &= (ids[i] >= lo) & (ids[i] < hi);
+    }
+    if (!good) {
+      ok = false;
+    }
+  });
+  return ok.load();
+}
+
 // Every vertex id of splat_vertex and blur_neighbors (contiguous, on the CPU) must be in range for its image's
 // num_vertices, or a filter would read out of bounds.
 inline void check_vertex_ids(const char* op, const TableShape& s, const at::Tensor& splat_vertex,
@@ -50,25 +65,11 @@ inline void check_vertex_ids(const char* op, const TableShape& s, const at::Tens
     const int32_t M = static_cast<int32_t>(nv[b]);
     const int32_t* vtx = splat_vertex.const_data_ptr<int32_t>() + b * E;
     const int32_t* nbr = blur_neighbors.const_data_ptr<int32_t>() + b * d1 * s.Mmax * 2;
-    std::atomic<bool> ok{true};
-    at::parallel_for(0, E, kWorkPerChunk, [&](int64_t begin, int64_t end) {
-      bool good = true;
-      for (int64_t e = begin; e < end; ++e) {
-        good &= (vtx[e] >= 0) & (vtx[e] < M);
-      }
-      if (!good) {
-        ok = false;
-      }
-    });
-    TORCH_CHECK(ok.load(), op, ": image ", b, ": splat_vertex holds an id out of range");
-    bool good = true;
+    TORCH_CHECK(ids_in_range(vtx, E, 0, M), op, ": image ", b, ": splat_vertex holds an id out of range");
     for (int64_t dir = 0; dir < d1; ++dir) {
-      const int32_t* n = nbr + dir * s.Mmax * 2;
-      for (int64_t i = 0; i < 2 * int64_t(M); ++i) {
-        good &= (n[i] >= -1) & (n[i] < M);
-      }
+      TORCH_CHECK(ids_in_range(nbr + dir * s.Mmax * 2, 2 * int64_t(M), -1, M), op, ": image ", b,
+                  ": blur_neighbors holds an id out of range");
     }
-    TORCH_CHECK(good, op, ": image ", b, ": blur_neighbors holds an id out of range");
   }
 }
 
