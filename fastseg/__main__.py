@@ -23,7 +23,7 @@ def _backend_for(op: str, device: torch.device) -> str:
     except RuntimeError as err:
         return f"unavailable ({err})"
     if op == "fused_conv2d" and chosen == "triton" and device.type == "cuda" and fastseg.current_backend() == "auto":
-        return "triton or cuDNN, the faster per problem (timed on its first call)"
+        return "triton or cuDNN, the fastest per problem (timed on its first call)"
     return chosen
 
 

@@ -208,7 +208,7 @@ def test_auto_dispatch():
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[_case_ids(c) for c in CASES])
 def test_folded_cudnn_path_matches_the_specification(dtype, layout, index):
     """"auto"'s cuDNN candidate (the affine folded into weights and bias), through F.conv2d on the CPU: every
-    case, every epilogue in turn (the fused cudnn_convolution_(add_)relu calls are CUDA-only: GPU tests)."""
+    case, every epilogue in turn (the fused cudnn_convolution_(add_)relu candidate is CUDA-only: GPU tests)."""
     from fastseg.ops import conv as conv_ops
 
     x, w, bias, kw, (s, p, d, g), reduction = _make(CASES[index], dtype, layout, EPILOGUE_NAMES[index % 7])
@@ -221,14 +221,15 @@ def test_folded_cudnn_path_matches_the_specification(dtype, layout, index):
     assert got.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last" and x.shape[1] > 1)
 
 
-def test_auto_keeps_the_faster_implementation_per_problem(monkeypatch):
-    """The selection itself, with the timing replaced: the faster candidate wins, once per problem; a candidate
-    that raises drops out with a warning; with both failing, the Triton error propagates."""
+def test_auto_keeps_the_fastest_implementation_per_problem(monkeypatch):
+    """The selection itself, with the timing replaced: the fastest candidate wins, once per problem; cuDNN's ReLU
+    fusion is a candidate only when the epilogue ends in a ReLU; a candidate that raises drops out with a warning;
+    with all failing, the Triton error propagates."""
     from fastseg.ops import conv as conv_ops
 
     monkeypatch.setattr(conv_ops, "_auto_choices", {})
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    timings = {"triton": 2.0, "cudnn": 1.0}
+    timings = {"triton": 2.0, "cudnn": 1.0, "cudnn_fused": 1.5}
     calls = []
 
     def fake_mean_ms(run):
@@ -237,23 +238,32 @@ def test_auto_keeps_the_faster_implementation_per_problem(monkeypatch):
             raise timings[calls[-1]]
         return timings[calls[-1]]
 
+    def fake_folded(*args, cudnn_fusion=False):
+        calls.append("cudnn_fused" if cudnn_fusion else "cudnn")
+
     monkeypatch.setattr(conv_ops, "_forward_into", lambda *args: calls.append("triton"))
-    monkeypatch.setattr(conv_ops, "folded_conv2d", lambda *args: calls.append("cudnn"))
+    monkeypatch.setattr(conv_ops, "folded_conv2d", fake_folded)
     monkeypatch.setattr(conv_ops, "_mean_ms", fake_mean_ms)
     x, w = torch.randn(1, 4, 9, 9), torch.randn(6, 4, 3, 3)
     args = (x, w, None, None, None, None, (1, 1), [1, 1, 1, 1], (1, 1), 1, "relu")
-    assert conv_ops._auto_impl(*args) == "cudnn" and sorted(calls) == ["cudnn", "triton"]
+    assert conv_ops._auto_impl(*args) == "cudnn" and sorted(calls) == ["cudnn", "cudnn_fused", "triton"]
     timings["cudnn"] = 3.0
-    assert conv_ops._auto_impl(*args) == "cudnn" and len(calls) == 2  # cached: not timed again
+    assert conv_ops._auto_impl(*args) == "cudnn" and len(calls) == 3  # cached: not timed again
     other = (x, w, None, None, None, None, (1, 1), [2, 2, 2, 2], (2, 2), 1, "relu")
-    assert conv_ops._auto_impl(*other) == "triton" and len(calls) == 4  # another problem: timed
-    assert set(conv_ops.auto_choices().values()) == {"cudnn", "triton"}
+    assert conv_ops._auto_impl(*other) == "cudnn_fused" and len(calls) == 6  # another problem: timed
+    timings["cudnn_fused"] = 4.0
+    third = (x, w, None, None, None, None, (1, 1), [3, 3, 3, 3], (3, 3), 1, "relu")
+    assert conv_ops._auto_impl(*third) == "triton" and len(calls) == 9
+    assert set(conv_ops.auto_choices().values()) == {"cudnn", "cudnn_fused", "triton"}
+    no_relu = (x, w, None, None, None, None, (1, 1), [1, 1, 1, 1], (1, 1), 1, None)
+    assert conv_ops._auto_impl(*no_relu) == "triton" and calls[9:] == ["triton", "cudnn"]  # no fusion to time
     timings["triton"] = RuntimeError("no kernel for this")
+    timings["cudnn"] = 1.0
     with pytest.warns(RuntimeWarning, match="triton implementation failed.*no kernel for this"):
         assert conv_ops._auto_impl(x, w, None, None, None, None, (1, 1), [0, 0, 0, 0], (1, 1), 1, None) == "cudnn"
-    timings["cudnn"] = RuntimeError("cudnn too")
+    timings["cudnn"] = timings["cudnn_fused"] = RuntimeError("cudnn too")
     with pytest.raises(RuntimeError, match="no kernel for this"):
-        conv_ops._auto_impl(x, w, None, None, None, None, (2, 2), [0, 0, 0, 0], (1, 1), 1, None)
+        conv_ops._auto_impl(x, w, None, None, None, None, (2, 2), [0, 0, 0, 0], (1, 1), 1, "relu")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -776,9 +786,9 @@ def test_gpu_forward_large(one_autotune_config, dtype, layout, index):
 @pytest.mark.gpu
 @pytest.mark.parametrize("index, dtype, layout", GPU_COMBOS[::4])
 def test_gpu_auto_times_and_both_candidates_match(one_autotune_config, monkeypatch, dtype, layout, index):
-    """"auto" picks one implementation per problem; whichever it picks, both candidates (Triton, and cuDNN with
-    the affine folded, through cudnn_convolution_(add_)relu where the epilogue ends in a ReLU) match the
-    specification."""
+    """"auto" picks one implementation per problem; whichever it picks, every candidate (Triton; cuDNN with the
+    affine folded; and where the epilogue ends in a ReLU, cuDNN's cudnn_convolution_(add_)relu fusion) matches
+    the specification."""
     from fastseg.ops import conv as conv_ops
 
     monkeypatch.setattr(conv_ops, "_auto_choices", {})
@@ -787,8 +797,9 @@ def test_gpu_auto_times_and_both_candidates_match(one_autotune_config, monkeypat
     expected = _expected(x, w, bias, kw["scale"], kw["shift"], kw["residual"], s, p, d, g, kw["activation"])
     _assert_close(fastseg.fused_conv2d(x, w, bias, s, p, d, g, **kw), expected, dtype, reduction, what="auto")
     (key, choice), = conv_ops.auto_choices().items()
-    assert choice in ("triton", "cudnn")
-    for forced in ("triton", "cudnn"):
+    candidates = ("triton", "cudnn", "cudnn_fused") if kw["activation"] == "relu" else ("triton", "cudnn")
+    assert choice in candidates
+    for forced in candidates:
         conv_ops._auto_choices[key] = forced
         got = fastseg.fused_conv2d(x, w, bias, s, p, d, g, **kw)
         _assert_close(got, expected, dtype, reduction, what=forced)

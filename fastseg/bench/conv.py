@@ -37,7 +37,8 @@ from fastseg.bench.harness import Case, Workload
 from fastseg.ops import conv as conv_ops
 
 EAGER = "torch eager conv+bn+relu"
-AUTO_NAMES = {"triton": "the Triton kernel", "cudnn": "cuDNN (BatchNorm folded)"}
+AUTO_NAMES = {"triton": "the Triton kernel", "cudnn": "cuDNN (BatchNorm folded)",
+              "cudnn_fused": "cuDNN's conv+bias+ReLU fusion (BatchNorm folded)"}
 COMPILED = "torch.compile max-autotune"
 # Relative tolerance on max |fastseg - torch| / max |torch| (float16 / bfloat16 rounding, TF32 in float32).
 TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 3e-2, torch.float32: 5e-3, torch.float64: 1e-6}
@@ -174,7 +175,7 @@ def conv_workload(shape: ConvShape, dtype: torch.dtype, layout: str, device: tor
         def check(expected, actual):
             note = _check(dtype, expected, actual)
             chosen = sorted({impl for key, impl in conv_ops.auto_choices().items() if key not in problems_before})
-            if chosen:  # "auto" timed the Triton kernel against cuDNN (affine folded) and kept the faster
+            if chosen:  # "auto" timed the Triton kernel against cuDNN (affine folded) and kept the fastest
                 note += f"; auto ran {' + '.join(AUTO_NAMES[impl] for impl in chosen)}"
             if device.type != "cuda" or not first_call_ms:
                 return note

@@ -9,9 +9,11 @@ Layers: ``fused_conv2d`` validates and resolves the arguments; the registered cu
 ``torch.ops.fastseg.fused_conv2d`` carries the fake implementation (torch.compile) and autograd; the forward
 runs on one backend: the Triton implicit-GEMM kernel (``conv_kernels.py``) or the plain-PyTorch reference
 below. "auto" on CUDA times the Triton kernel against cuDNN with the affine folded into the weights
-(``folded_conv2d``: cudnn_convolution_relu when the epilogue ends in a ReLU) on the first call of each problem,
-and keeps the faster (``auto_choices()`` lists what it kept); ``fastseg.backend("triton")`` forces the kernel. The Triton backward kernels are registered ops too (``fused_conv2d_input_grad``,
-``fused_conv2d_weight_grad``), so torch.compile traces the backward.
+(``folded_conv2d``: torch's convolution, then the residual and ReLU in place; and, when the epilogue ends in a
+ReLU, cuDNN's fused cudnn_convolution_(add_)relu as a third candidate) on the first call of each problem, and
+keeps the fastest (``auto_choices()`` lists what it kept); ``fastseg.backend("triton")`` forces the kernel. The
+Triton backward kernels are registered ops too (``fused_conv2d_input_grad``, ``fused_conv2d_weight_grad``), so
+torch.compile traces the backward.
 
 Backward: it runs on the backend the forward ran under (saved in the autograd context), and picks the
 gradients of x and weight by that backend:
@@ -237,21 +239,23 @@ def _forward_into(out, x, weight, bias, scale, shift, residual, stride, padding4
                                          groups, activation))
 
 
-# --- "auto" on CUDA: per problem, the faster of the Triton kernel and cuDNN --------------------------------
+# --- "auto" on CUDA: per problem, the fastest of the Triton kernel and cuDNN ------------------------------
 #
 # Measured on an H100 (benchmarks/results/2026-11-27-h100-0cad134.json), the Triton kernel beat eager cuDNN
 # conv -> BatchNorm -> ReLU on one network shape of fifteen. So that "auto" (and fastseg.optimize) never trades
-# a fast cuDNN convolution for a slower kernel, it times both on the first call of each problem (shapes, layout,
-# dtype, convolution parameters, epilogue) and keeps the faster, as cudnn.benchmark does for cuDNN's algorithms.
+# a fast cuDNN convolution for a slower kernel, it times the candidates on the first call of each problem
+# (shapes, layout, dtype, convolution parameters, epilogue) and keeps the fastest, as cudnn.benchmark does for
+# cuDNN's algorithms.
 
 
 def folded_conv2d(x: Tensor, weight: Tensor, bias, scale, shift, residual, stride, padding4, dilation, groups,
-                  activation) -> Tensor:
+                  activation, *, cudnn_fusion: bool = False) -> Tensor:
     """The fused op through torch's convolution (cuDNN on CUDA), the affine folded into the weights and bias
-    (weight * scale and bias * scale + shift, computed in float32 or wider and rounded once to x's dtype). With a
-    ReLU on CUDA, cuDNN's fused convolution + bias (+ residual) + ReLU (torch.cudnn_convolution_relu /
-    cudnn_convolution_add_relu): one call; otherwise F.conv2d, then the residual and the ReLU in place. The
-    result has F.conv2d's memory format."""
+    (weight * scale and bias * scale + shift, computed in float32 or wider and rounded once to x's dtype):
+    F.conv2d, then the residual and the ReLU in place. With ``cudnn_fusion`` (CUDA, an epilogue ending in a
+    ReLU) cuDNN's fused convolution + bias (+ residual) + ReLU instead (torch.cudnn_convolution_relu /
+    cudnn_convolution_add_relu): one call, but its kernels can be many times slower than the plain convolution's
+    (pytorch#68506: channels_last, 7x7), so "auto" times both. The result has F.conv2d's memory format."""
     memory_format = _output_memory_format(x, weight)
     compute = torch.promote_types(x.dtype, torch.float32)
     if scale is not None:
@@ -268,7 +272,7 @@ def folded_conv2d(x: Tensor, weight: Tensor, bias, scale, shift, residual, strid
         x = F.pad(x, (pl, pr, pt, pb))
         pt = pl = 0
     stride, padding, dilation = list(stride), [pt, pl], list(dilation)
-    if activation == "relu" and x.is_cuda:
+    if cudnn_fusion and activation == "relu" and x.is_cuda:
         if residual is None:
             y = torch.cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, groups)
         else:
@@ -282,7 +286,7 @@ def folded_conv2d(x: Tensor, weight: Tensor, bias, scale, shift, residual, strid
     return y.contiguous(memory_format=memory_format)
 
 
-# problem key -> "triton" or "cudnn", the implementation "auto" runs for it on CUDA
+# problem key -> "triton", "cudnn" or "cudnn_fused", the implementation "auto" runs for it on CUDA
 _auto_choices: dict[tuple, str] = {}
 _AUTO_TIMING_CALLS = 5
 
@@ -312,7 +316,7 @@ def _mean_ms(fn) -> float:
 
 
 def _auto_impl(x, weight, bias, scale, shift, residual, stride, padding4, dilation, groups, activation) -> str:
-    """The implementation "auto" runs on CUDA: the one timed faster for this problem. A candidate that raises
+    """The implementation "auto" runs on CUDA: the one timed fastest for this problem. A candidate that raises
     (e.g. a cuDNN fusion this dtype lacks) drops out with a warning; under CUDA-graph capture, where nothing can
     be timed (or compiled), an untimed problem runs on cuDNN."""
     key = _problem_key(x, weight, bias, scale, shift, residual, stride, padding4, dilation, groups, activation)
@@ -327,6 +331,8 @@ def _auto_impl(x, weight, bias, scale, shift, residual, stride, padding4, dilati
         "triton": lambda: _forward_into(out, *args, "triton"),
         "cudnn": lambda: folded_conv2d(*args),
     }
+    if activation == "relu":
+        candidates["cudnn_fused"] = lambda: folded_conv2d(*args, cudnn_fusion=True)
     times, errors = {}, {}
     for name, run in candidates.items():
         try:
@@ -343,7 +349,7 @@ def _auto_impl(x, weight, bias, scale, shift, residual, stride, padding4, dilati
 
 
 def _implementation(x, weight, bias, scale, shift, residual, stride, padding4, dilation, groups, activation) -> str:
-    """"triton", "cudnn" or "reference": what runs the forward now (float64 has no Triton kernel, no float64
+    """"triton", "cudnn", "cudnn_fused" or "reference": what runs the forward now (float64 has no Triton kernel, no float64
     tensor cores: it runs on the reference everywhere)."""
     impl = _backend.select("fused_conv2d", x.device)
     if impl != "triton" or x.dtype == torch.float64:
@@ -368,8 +374,8 @@ def _fused_conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: O
         return out
     args = (x, weight, bias, scale, shift, residual, stride, padding, dilation, groups, activation)
     impl = _implementation(*args)
-    if impl == "cudnn":
-        return folded_conv2d(*args)
+    if impl in ("cudnn", "cudnn_fused"):
+        return folded_conv2d(*args, cudnn_fusion=impl == "cudnn_fused")
     _forward_into(out, *args, impl)
     return out
 
@@ -513,9 +519,9 @@ def fused_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1
         activation: None or "relu".
         residual: a tensor of the output's shape added before the activation, or None.
 
-    On CUDA, "auto" runs the Triton kernel or cuDNN (the affine folded into the weights and bias), whichever
-    it timed faster on the first call with these shapes and parameters; ``fastseg.backend("triton")`` forces
-    the kernel.
+    On CUDA, "auto" runs the Triton kernel or cuDNN (the affine folded into the weights and bias; with or
+    without cuDNN's own ReLU fusion), whichever it timed fastest on the first call with these shapes and
+    parameters; ``fastseg.backend("triton")`` forces the kernel.
     float32 uses TF32 tensor cores only when torch.backends.cudnn.allow_tf32 is set, as F.conv2d on CUDA.
     Under torch.autocast x, weight, bias and residual are cast to the autocast dtype, as F.conv2d's inputs are.
     Differentiable in x, weight, bias, scale, shift and residual. The backward runs on the forward's backend:
