@@ -311,6 +311,35 @@ def test_every_autotune_config_interpreted():
         _assert_close(out, expected, torch.float32, 171, what=f"config {config}")
 
 
+@pytest.mark.parametrize("channels, split", [(64, 2), (70, 3), (64, 9), (19, 9)])
+@pytest.mark.parametrize("epilogue", ["none", "all"])
+def test_split_k_interpreted(channels, split, epilogue):
+    """Split-K: the reduction cut into `split` ranges of whole 64-channel steps (every range busy at 64 channels;
+    a partial channel block at 70; under the interpreter's BLOCK_K of 16, 19 channels leave the last ranges
+    empty), partial sums summed in order by the epilogue kernel, into a poisoned strided output; the same
+    result as the unsplit kernel within float32 reassociation."""
+    skip_unless_backend("triton")
+    from fastseg.ops import conv_kernels
+
+    x = torch.randn(2, channels, 7, 6).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(21, channels, 3, 3) / (3 * channels**0.5)
+    bias, scale, shift = (None, None, None) if epilogue == "none" else (torch.randn(21), torch.rand(21) + .5,
+                                                                       torch.randn(21))
+    residual = None if epilogue == "none" else torch.randn(2, 21, 7, 6)
+    relu = epilogue == "all"
+    expected = _expected(x, w, bias, scale, shift, residual, 1, 2, 2, 1, "relu" if relu else None)
+    base = poison_(torch.empty(2, 21, 7, 11))
+    out = base[..., ::2]
+    conv_kernels.forward(x, w, bias, scale, shift, residual, out, (1, 1), (2, 2), (2, 2), 1, relu, False,
+                         split=split)
+    _assert_close(out, expected, torch.float32, 171, what=f"split {split}")
+    assert base[..., 1::2].isnan().all(), "the split epilogue wrote outside its output view"
+    unsplit = poison_(torch.empty(2, 21, 7, 6))
+    conv_kernels.forward(x, w, bias, scale, shift, residual, unsplit, (1, 1), (2, 2), (2, 2), 1, relu, False,
+                         split=1)
+    torch.testing.assert_close(out, unsplit, rtol=1e-5, atol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # gradients
 # --------------------------------------------------------------------------------------------------------------
@@ -816,10 +845,30 @@ def test_gpu_every_autotune_config(dtype):
     bias, scale, shift = (torch.randn(200, device="cuda", dtype=dtype) for _ in range(3))
     expected = _expected(x, w, bias, scale, shift, None, 1, 6, 6, 1, "relu")
     for config in conv_kernels.CONFIGS:
-        out = poison_(torch.empty(2, 200, 29, 31, device="cuda", dtype=dtype))
-        conv_kernels.forward(x, w, bias, scale, shift, None, out, (1, 1), (6, 6), (6, 6), 1, True, False,
-                             conv_kernels.config_kwargs(config))
-        _assert_close(out, expected, dtype, 1440, what=f"config {config}")
+        for split in (1, 3):
+            out = poison_(torch.empty(2, 200, 29, 31, device="cuda", dtype=dtype))
+            conv_kernels.forward(x, w, bias, scale, shift, None, out, (1, 1), (6, 6), (6, 6), 1, True, False,
+                                 conv_kernels.config_kwargs(config), split=split)
+            _assert_close(out, expected, dtype, 1440, what=f"config {config}, split {split}")
+
+
+@pytest.mark.gpu
+def test_gpu_split_k_on_a_33x33_aspp_branch(one_autotune_config):
+    """The shape split-K is for (DeepLab-v3's ASPP at 33x33, batch 8: too few output tiles to fill the GPU): the
+    default split is taken on a GPU of 100+ SMs, and the public Triton path's result is right."""
+    from fastseg.ops import conv_kernels
+
+    x = torch.randn(8, 512, 33, 33, device="cuda", dtype=torch.bfloat16).contiguous(
+        memory_format=torch.channels_last)  # 512 of ASPP's 2048 channels: the same tiles, a shorter reduction
+    w = torch.randn(256, 512, 3, 3, device="cuda", dtype=torch.bfloat16) / 68
+    scale, shift = torch.rand(256, device="cuda") + 0.5, torch.randn(256, device="cuda")
+    out = torch.empty(8, 256, 33, 33, device="cuda", dtype=torch.bfloat16)
+    if torch.cuda.get_device_properties(0).multi_processor_count >= 100:
+        assert conv_kernels.reduction_split(x, w, out)[0] > 1
+    with fastseg.backend("triton"):
+        got = fastseg.fused_conv2d(x, w, None, 1, 12, 12, scale=scale, shift=shift, activation="relu")
+    expected = _expected(x, w, None, scale, shift, None, 1, 12, 12, 1, "relu")
+    _assert_close(got, expected, torch.bfloat16, 512 * 9, what="split-K ASPP")
 
 
 @pytest.mark.gpu

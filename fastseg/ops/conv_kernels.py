@@ -8,6 +8,11 @@ Two kernels, both writing into an output they are given (see ``forward``):
   slice of the input at ``ih = oh*SH - PH + r*DH``, ``iw = ow*SW - PW + s*DW`` (masked loads give the zero
   padding) and a ``[BLOCK_K, BLOCK_N]`` slice of the weight, and accumulates their ``tl.dot`` in float32.
   The epilogue (bias, scale, shift, residual, ReLU) runs on the float32 accumulator before the single store.
+  Split-K: when the output tiles alone would leave SMs idle (a 33x33 ASPP branch at batch 8: 138 tiles of
+  128x128 on an H100's 132 SMs, each 576 reduction steps long), the (tap, channel block) steps are cut into
+  ``split`` contiguous ranges (grid axis 2); each program writes its float32 partial sum to its slice of a
+  workspace, and ``_splitk_epilogue_kernel`` sums the slices in a fixed order (deterministic, no atomics) and
+  applies the epilogue.
 - ``_conv2d_depthwise_kernel`` (groups == Cin, Cout = multiplier*Cin): per-element multiply-accumulate in
   float32 over the taps, the same epilogue. No reduction over channels, so no ``tl.dot``.
 
@@ -42,6 +47,14 @@ CONFIGS = [
 ]
 # Under the interpreter: one small configuration (tl.dot needs every block dimension >= 16).
 INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16}
+# Split-K: the programs it aims at per SM, and the fewest reduction steps (of 64 channels) a range may have
+# (shorter ranges spend more on the workspace and its sum than they win in parallelism).
+_SPLIT_PROGRAMS_PER_SM = 3
+_SPLIT_MIN_STEPS = 32
+_SPLIT_STEP_CHANNELS = 64
+# The split epilogue's tile: pixels x output channels.
+_SPLIT_BLOCK_M = 64
+_SPLIT_BLOCK_N = 64
 # The problem: sizes, window, precision, and x's channel stride (1 for channels_last: the layout).
 _AUTOTUNE_KEY = ["N", "C", "H", "W", "K", "OH", "OW", "KH", "KW", "SH", "SW", "DH", "DW", "FP32_INPUTS",
                  "ALLOW_TF32", "sxc"]
@@ -87,24 +100,26 @@ def _pixel_coords(offs, OH, OW, INDEX_64: tl.constexpr):
 
 # Sizes and the window are not specialized on (Triton would compile a kernel per pattern of "== 1" and
 # "divisible by 16" among them, i.e. per layer shape); the strides are, for the alignment of vector loads.
-@triton.jit(do_not_specialize=["N", "H", "W", "OH", "OW", "KH", "KW", "SH", "SW", "PH", "PW", "DH", "DW"])
+@triton.jit(do_not_specialize=["N", "H", "W", "OH", "OW", "KH", "KW", "SH", "SW", "PH", "PW", "DH", "DW",
+                               "SPLIT_CHANNELS"])
 def _conv2d_igemm_kernel(
-    x_ptr, w_ptr, out_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr,
+    x_ptr, w_ptr, out_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, ws_ptr,
     N, C, H, W, K, OH, OW,
     sxn, sxc, sxh, sxw,
     swk, swc, swh, sww,
     son, soc, soh, sow,
     srn, src, srh, srw,
-    KH, KW, SH, SW, PH, PW, DH, DW,
+    KH, KW, SH, SW, PH, PW, DH, DW, SPLIT_CHANNELS,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, SPLIT: tl.constexpr,
     FP32_INPUTS: tl.constexpr, ALLOW_TF32: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # C: input channels, K: output channels (the GEMM's N dimension). The window (KH, KW, stride, padding,
     # dilation) is runtime: the loop below walks the taps at run time anyway, and constants would compile a
     # kernel per layer shape (a network's first call would compile dozens); the addressing is the same for
-    # every layout.
+    # every layout. With SPLIT, program (., ., s) reduces over the steps of SPLIT_CHANNELS reduction elements
+    # (taps x channels) starting at s * SPLIT_CHANNELS and writes the float32 sum to ws[s] ([M, K] row-major).
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     M = N * OH * OW
@@ -122,7 +137,13 @@ def _conv2d_igemm_kernel(
     # One flat loop over (tap, channel block), channel blocks fastest: a single loop that Triton can software-
     # pipeline whatever the channel count (a 64-channel layer has one channel block per tap).
     num_cb = tl.cdiv(C, BLOCK_K)
-    for it in range(KH * KW * num_cb):
+    steps = KH * KW * num_cb
+    first = 0
+    if SPLIT:
+        # SPLIT_CHANNELS is a multiple of every configuration's BLOCK_K; ranges past the last step sum nothing.
+        first = tl.program_id(2) * (SPLIT_CHANNELS // BLOCK_K)
+        steps = tl.minimum(steps, first + SPLIT_CHANNELS // BLOCK_K)
+    for it in range(first, steps):
         tap = it // num_cb
         c = (it - tap * num_cb) * BLOCK_K + ci
         r = tap // KW
@@ -141,12 +162,48 @@ def _conv2d_igemm_kernel(
                 acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)  # float16 / bfloat16 operands, float32 accumulator
+    if SPLIT:
+        ws = ws_ptr + tl.program_id(2).to(tl.int64) * M * K
+        if INDEX_64:
+            offs_m = offs_m.to(tl.int64)
+        tl.store(ws + offs_m[:, None] * K + co[None, :], acc, mask=m_ok[:, None] & co_ok[None, :])
+    else:
+        _epilogue(acc, co, co_ok, n * son + oh * soh + ow * sow, m_ok, out_ptr, soc,
+                  bias_ptr, scale_ptr, shift_ptr, res_ptr, n * srn + oh * srh + ow * srw, src,
+                  HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RESIDUAL, RELU)
+
+
+_conv2d_igemm_tuned = triton.autotune(configs=CONFIGS, key=_AUTOTUNE_KEY + ["SPLIT"])(_conv2d_igemm_kernel)
+
+
+@triton.jit
+def _splitk_epilogue_kernel(
+    ws_ptr, out_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr,
+    K, OH, OW, M, SPLITS,
+    son, soc, soh, sow,
+    srn, src, srh, srw,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, INDEX_64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """out = epilogue(sum over s of ws[s]) for the split-K partial sums ws [SPLITS, M, K] (float32), summed in
+    order s = 0, 1, ... (deterministic)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    n, oh, ow = _pixel_coords(offs_m, OH, OW, INDEX_64)
+    co = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_ok = co < K
+    if INDEX_64:
+        offs_m = offs_m.to(tl.int64)
+    ws = ws_ptr + offs_m[:, None] * K + co[None, :]
+    mask = m_ok[:, None] & co_ok[None, :]
+    plane = M.to(tl.int64) * K
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for s in range(SPLITS):
+        acc += tl.load(ws + s * plane, mask=mask, other=0.0)
     _epilogue(acc, co, co_ok, n * son + oh * soh + ow * sow, m_ok, out_ptr, soc,
               bias_ptr, scale_ptr, shift_ptr, res_ptr, n * srn + oh * srh + ow * srw, src,
               HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RESIDUAL, RELU)
-
-
-_conv2d_igemm_tuned = triton.autotune(configs=CONFIGS, key=_AUTOTUNE_KEY)(_conv2d_igemm_kernel)
 
 
 @triton.jit
@@ -191,14 +248,33 @@ def _conv2d_depthwise_kernel(
               HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RESIDUAL, RELU)
 
 
+def reduction_split(x, weight, out) -> tuple[int, int]:
+    """(splits, reduction elements per split) of the implicit GEMM on this device: (1, 0) when the output tiles
+    fill the GPU by themselves or the reduction is too short to share."""
+    if not x.is_cuda:
+        return 1, 0
+    K, C, KH, KW = weight.shape
+    M = out.shape[0] * out.shape[2] * out.shape[3]
+    tiles = triton.cdiv(M, 128) * triton.cdiv(K, 128)  # at the largest configurations' tile size
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    steps = KH * KW * triton.cdiv(C, _SPLIT_STEP_CHANNELS)
+    splits = min(triton.cdiv(_SPLIT_PROGRAMS_PER_SM * sms, tiles), steps // _SPLIT_MIN_STEPS)
+    if splits <= 1:
+        return 1, 0
+    return splits, triton.cdiv(steps, splits) * _SPLIT_STEP_CHANNELS
+
+
 def forward(x, weight, bias, scale, shift, residual, out, stride, padding, dilation, groups, relu, allow_tf32,
-            config=None) -> None:
+            config=None, split=None) -> None:
     """Write act((conv2d(x, weight) + bias) * scale + shift + residual) into ``out``, every element of it.
 
     ``x`` (N, C, H, W), ``weight`` (K, C/groups, KH, KW), ``out`` and ``residual`` (N, K, OH, OW), bias, scale
     and shift (K,) or None. groups is 1 or C (depthwise). ``padding`` is the (top, left) padding; ``out``'s
     size fixes OH and OW (so asymmetric "same" padding needs nothing else). ``config``: a dict of block sizes
     (and optionally num_warps / num_stages) to bypass autotuning, e.g. one of ``CONFIGS``' kwargs (tests).
+    ``split``: the number of reduction ranges of the implicit GEMM (default :func:`reduction_split`'s; at most
+    one per reduction step of 64 channels); above 1 their float32 partial sums go to a workspace that a second
+    kernel sums in order and finishes with the epilogue.
     """
     if out.numel() == 0:
         return
@@ -207,37 +283,50 @@ def forward(x, weight, bias, scale, shift, residual, out, stride, padding, dilat
     OH, OW = out.shape[2:]
     dummy = out  # never read: its HAS_* flag is False
     res = residual if residual is not None else dummy
-    common = dict(
-        KH=KH, KW=KW, SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
-        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-        HAS_RESIDUAL=residual is not None, RELU=bool(relu), INDEX_64=needs_int64(x, weight, out, residual),
-    )
+    epilogue = dict(HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
+                    HAS_RESIDUAL=residual is not None, RELU=bool(relu))
+    common = dict(KH=KH, KW=KW, SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0],
+                  DW=dilation[1], INDEX_64=needs_int64(x, weight, out, residual), **epilogue)
     if x.is_cuda and groups == 1:
         # Weights repacked with output channels fastest (a view of shape (K, C, KH, KW)): the [BLOCK_K, BLOCK_N]
         # weight tiles then load as contiguous runs. One small copy per call (the weights, not activations).
         weight = weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
-    args = (x, weight, out, bias if bias is not None else dummy, scale if scale is not None else dummy,
-            shift if shift is not None else dummy, res)
+    epilogue_args = (bias if bias is not None else dummy, scale if scale is not None else dummy,
+                     shift if shift is not None else dummy, res)
     strides = (*x.stride(), *weight.stride(), *out.stride(), *res.stride())
     M = N * OH * OW
     if groups != 1:
         grid = (triton.cdiv(M, _DW_BLOCK_P), triton.cdiv(K, _DW_BLOCK_C))
-        _conv2d_depthwise_kernel[grid](*args, N, C, H, W, K, OH, OW, K // C, *strides, **common,
-                                       BLOCK_P=_DW_BLOCK_P, BLOCK_C=_DW_BLOCK_C, num_warps=_DW_WARPS)
+        _conv2d_depthwise_kernel[grid](x, weight, out, *epilogue_args, N, C, H, W, K, OH, OW, K // C, *strides,
+                                       **common, BLOCK_P=_DW_BLOCK_P, BLOCK_C=_DW_BLOCK_C, num_warps=_DW_WARPS)
         return
-    common.update(FP32_INPUTS=x.dtype == torch.float32, ALLOW_TF32=bool(allow_tf32) and x.dtype == torch.float32)
+    if split is None:
+        splits, split_channels = reduction_split(x, weight, out)
+    else:
+        steps = KH * KW * triton.cdiv(C, _SPLIT_STEP_CHANNELS)
+        split_channels = triton.cdiv(steps, min(max(split, 1), steps)) * _SPLIT_STEP_CHANNELS
+        splits = triton.cdiv(steps * _SPLIT_STEP_CHANNELS, split_channels)  # no empty range
+    workspace = torch.empty((splits, M, K), dtype=torch.float32, device=x.device) if splits > 1 else dummy
+    common.update(FP32_INPUTS=x.dtype == torch.float32, ALLOW_TF32=bool(allow_tf32) and x.dtype == torch.float32,
+                  SPLIT=splits > 1)
+    common["INDEX_64"] = common["INDEX_64"] or (splits > 1 and needs_int64(workspace))
+    args = (x, weight, out, *epilogue_args, workspace, N, C, H, W, K, OH, OW, *strides)
     if config is None and triton_interpreting():
         config = INTERPRETER_CONFIG
     if config is not None:
         meta = dict(config)
-        grid = (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_N"]))
-        _conv2d_igemm_kernel[grid](*args, N, C, H, W, K, OH, OW, *strides, **common, **meta)
-        return
+        grid = (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_N"]), splits)
+        _conv2d_igemm_kernel[grid](*args, SPLIT_CHANNELS=split_channels, **common, **meta)
+    else:
+        def grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_N"]), splits)
 
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_N"]))
-
-    _conv2d_igemm_tuned[grid](*args, N, C, H, W, K, OH, OW, *strides, **common)
+        _conv2d_igemm_tuned[grid](*args, SPLIT_CHANNELS=split_channels, **common)
+    if splits > 1:
+        grid = (triton.cdiv(M, _SPLIT_BLOCK_M), triton.cdiv(K, _SPLIT_BLOCK_N))
+        _splitk_epilogue_kernel[grid](workspace, out, *epilogue_args, K, OH, OW, M, splits, *out.stride(),
+                                      *res.stride(), INDEX_64=common["INDEX_64"], **epilogue,
+                                      BLOCK_M=_SPLIT_BLOCK_M, BLOCK_N=_SPLIT_BLOCK_N)
 
 
 def config_kwargs(config: triton.Config) -> dict:
