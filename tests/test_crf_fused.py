@@ -414,8 +414,8 @@ def test_cuda_side_stream_and_determinism():
 
 @pytest.mark.gpu
 def test_cuda_errors_and_malformed_tables():
-    """Wrong shapes, dtypes and devices raise on the host; out-of-range ids (which the CUDA kernel does not
-    validate) are clamped: wrong numbers, no crash."""
+    """Wrong shapes, dtypes and devices raise on the host; out-of-range ids and backwards splat offsets (which
+    the CUDA kernel does not validate) are clamped: wrong numbers, no crash."""
     _skip_without_cuda_kernel()
     terms = _terms(1, (5, 6), torch.float32, device="cuda")
     args = _op_args(torch.randn(1, 4, 30, device="cuda"), terms, 2)
@@ -440,7 +440,10 @@ def test_cuda_errors_and_malformed_tables():
     bad[1][0, 0, 0, 1] = 10**6  # blur_neighbors
     bad[2][0, 2] = 2**31 - 1  # splat_offsets
     bad[3][0, 5] = -7  # splat_points
-    for table, value in zip((0, 2, 4, 5), bad):
+    backwards = args[5][0].clone()
+    E = args[6][0].shape[1]
+    backwards[0, 1::2], backwards[0, 2::2] = E, 0  # [0, E, 0, E, ...]: rows overlap, more chunks than S
+    for table, value in zip((0, 2, 4, 5, 4), bad + [backwards]):
         q = _call_with(args, 0, table, value)
         torch.cuda.synchronize()  # an out-of-bounds access would surface here
         assert q.shape == (1, 4, 30)

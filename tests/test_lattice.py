@@ -520,6 +520,32 @@ def test_cuda_build_edge_cases_and_errors():
 
 
 @pytest.mark.gpu
+def test_cuda_filter_survives_malformed_tables():
+    """The CUDA filter clamps ids instead of validating them (no host synchronisation): out-of-range vertex,
+    neighbour and point ids, and splat offsets that run backwards (rows overlapping, more chunks than a valid
+    table can have), give wrong numbers, never an out-of-bounds access."""
+    _skip_unless_cuda_build()
+    tables = [t.cuda() for t in torch.ops.fastseg.ext_lattice_build(torch.randn(1, 2, 200) * 2)]
+    v = torch.randn(1, 3, 200, device="cuda")
+    E = tables[5].shape[1]
+    backwards = tables[4].clone()
+    backwards[0, 1::2], backwards[0, 2::2] = E, 0  # [0, E, 0, E, ...]
+    for index, value in ((0, 10**6), (2, 10**6), (5, -7), (5, 10**6)):
+        bad = list(tables)
+        bad[index] = bad[index].clone()
+        bad[index].view(-1)[3] = value
+        out = torch.ops.fastseg.ext_lattice_filter(v, *bad, False)
+        torch.cuda.synchronize()  # an out-of-bounds access would surface here
+        assert out.shape == v.shape
+    bad = list(tables)
+    bad[4] = backwards
+    for reverse in (False, True):
+        out = torch.ops.fastseg.ext_lattice_filter(v, *bad, reverse)
+        torch.cuda.synchronize()
+        assert out.shape == v.shape and out.isfinite().all()
+
+
+@pytest.mark.gpu
 def test_cuda_opcheck():
     """The registered ops and the extension's ops on CUDA tensors (the build's vertex count is data-dependent:
     schema and fake checks for it)."""

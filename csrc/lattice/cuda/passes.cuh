@@ -24,7 +24,9 @@ namespace {
 // few threads' serial loops. So every row is cut into chunks of at most kSplatChunk entries: one thread per
 // (chunk, channel) sums its chunk into `partial`, then one thread per (vertex, channel) sums its row's chunks
 // in order. Deterministic (fixed chunks, fixed order), no atomics. The chunking depends only on splat_offsets:
-// make_splat_chunks builds it on the device, without a host synchronisation.
+// make_splat_chunks builds it on the device, without a host synchronisation. Valid offsets (non-decreasing
+// from 0 to E) make at most S = M + ceil(E / kSplatChunk) chunks per image; malformed ones can make more (rows
+// clamped into 0..E may overlap), and chunks past S are then dropped: wrong sums, never out-of-bounds accesses.
 constexpr int64_t kSplatChunk = 64;
 constexpr int kPassThreads = 256;
 
@@ -58,23 +60,24 @@ __global__ void chunk_count_kernel(const int32_t* __restrict__ offsets, int64_t 
   }
 }
 
-// chunk_vertex[lb, s] = v for each chunk s of vertex v, chunk_end[lb, v] being the inclusive prefix sum of the
-// counts over the image's vertices (so v's chunks are chunk_end - count .. chunk_end - 1).
-__global__ void chunk_vertex_kernel(const int32_t* __restrict__ offsets, const int32_t* __restrict__ chunk_end,
+// chunk_vertex[lb, s] = v for each chunk s < S of vertex v, chunk_end[lb, v] being the inclusive prefix sum of
+// the counts over the image's vertices (so v's chunks are chunk_end - count .. chunk_end - 1).
+__global__ void chunk_vertex_kernel(const int32_t* __restrict__ offsets, const int64_t* __restrict__ chunk_end,
                                     int64_t Bk, int64_t M, int64_t E, int64_t S, int32_t* __restrict__ chunk_vertex) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < Bk * M; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t lb = i / M, v = i % M;
     int64_t first, last;
     const int64_t count = row_chunks(offsets + lb * (M + 1), v, E, first, last);
-    for (int64_t j = 0, s = chunk_end[i] - count; j < count; ++j, ++s) {
+    for (int64_t s = chunk_end[i] - count; s < min(chunk_end[i], S); ++s) {
       chunk_vertex[lb * S + s] = static_cast<int32_t>(v);
     }
   }
 }
 
 // The chunking of Bk images' splat CSRs (splat_offsets [Bk, M + 1] int32, contiguous; E entries per image):
-// chunk_end [Bk, M] (inclusive prefix counts), chunk_vertex [Bk, S] (-1 past an image's last chunk), with S =
-// M + ceil(E / kSplatChunk) >= any image's number of chunks, so no synchronisation is needed to size them.
+// chunk_end [Bk, M] int64 (inclusive prefix counts), chunk_vertex [Bk, S] (-1 past an image's last chunk), with
+// S = M + ceil(E / kSplatChunk) >= any valid image's number of chunks, so no synchronisation is needed to size
+// them.
 struct SplatChunks {
   at::Tensor chunk_end, chunk_vertex;
   int64_t S;
@@ -87,10 +90,10 @@ inline SplatChunks make_splat_chunks(const at::Tensor& splat_offsets, int64_t Bk
   chunk_count_kernel<<<pass_grid(Bk * M, max_blocks), kPassThreads, 0, stream>>>(
       splat_offsets.const_data_ptr<int32_t>(), Bk, M, E, count.mutable_data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  at::Tensor chunk_end = at::cumsum(count, 1, at::kInt);
+  at::Tensor chunk_end = at::cumsum(count, 1, at::kLong);  // int64: malformed rows can overlap and add up
   at::Tensor chunk_vertex = at::full({Bk, S}, -1, splat_offsets.options());
   chunk_vertex_kernel<<<pass_grid(Bk * M, max_blocks), kPassThreads, 0, stream>>>(
-      splat_offsets.const_data_ptr<int32_t>(), chunk_end.const_data_ptr<int32_t>(), Bk, M, E, S,
+      splat_offsets.const_data_ptr<int32_t>(), chunk_end.const_data_ptr<int64_t>(), Bk, M, E, S,
       chunk_vertex.mutable_data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {chunk_end, chunk_vertex, S};
@@ -132,7 +135,7 @@ struct SplatSource {
 // last chunk are skipped (never read).
 template <typename value_t, typename weight_t, typename acc_t>
 __global__ void splat_chunks_kernel(const SplatSource<value_t, weight_t, acc_t> src,
-                                    const int32_t* __restrict__ chunk_end, const int32_t* __restrict__ chunk_vertex,
+                                    const int64_t* __restrict__ chunk_end, const int32_t* __restrict__ chunk_vertex,
                                     int64_t Bk, int64_t M, int64_t S, acc_t* __restrict__ partial) {
   const int64_t C = src.C;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < Bk * S * C;
@@ -150,20 +153,21 @@ __global__ void splat_chunks_kernel(const SplatSource<value_t, weight_t, acc_t> 
   }
 }
 
-// Phase 2: buf[lb, v, c] = the sum of vertex v's chunks, in order.
+// Phase 2: buf[lb, v, c] = the sum of vertex v's chunks below S, in order.
 template <typename acc_t>
 __global__ void splat_rows_kernel(const acc_t* __restrict__ partial, const int32_t* __restrict__ offsets,
-                                  const int32_t* __restrict__ chunk_end, int64_t Bk, int64_t M, int64_t E, int64_t S,
+                                  const int64_t* __restrict__ chunk_end, int64_t Bk, int64_t M, int64_t E, int64_t S,
                                   int64_t C, acc_t* __restrict__ buf) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < Bk * M * C;
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t c = i % C, v = (i / C) % M, lb = i / (C * M);
     int64_t first, last;
     const int64_t count = row_chunks(offsets + lb * (M + 1), v, E, first, last);
-    const acc_t* chunk = partial + (lb * S + chunk_end[lb * M + v] - count) * C + c;
+    const int64_t end = chunk_end[lb * M + v];
+    const acc_t* chunks = partial + lb * S * C + c;
     acc_t acc = acc_t(0);
-    for (int64_t j = 0; j < count; ++j) {
-      acc += chunk[j * C];
+    for (int64_t s = end - count; s < min(end, S); ++s) {
+      acc += chunks[s * C];
     }
     buf[i] = acc;
   }
@@ -175,12 +179,12 @@ template <typename value_t, typename weight_t, typename acc_t>
 void splat(const SplatSource<value_t, weight_t, acc_t>& src, const SplatChunks& chunks, int64_t Bk, int64_t M,
            acc_t* partial, acc_t* buf, int64_t max_blocks, cudaStream_t stream) {
   splat_chunks_kernel<value_t, weight_t, acc_t><<<pass_grid(Bk * chunks.S * src.C, max_blocks), kPassThreads, 0,
-                                                  stream>>>(src, chunks.chunk_end.const_data_ptr<int32_t>(),
+                                                  stream>>>(src, chunks.chunk_end.const_data_ptr<int64_t>(),
                                                             chunks.chunk_vertex.const_data_ptr<int32_t>(), Bk, M,
                                                             chunks.S, partial);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   splat_rows_kernel<acc_t><<<pass_grid(Bk * M * src.C, max_blocks), kPassThreads, 0, stream>>>(
-      partial, src.offsets, chunks.chunk_end.const_data_ptr<int32_t>(), Bk, M, src.E, chunks.S, src.C, buf);
+      partial, src.offsets, chunks.chunk_end.const_data_ptr<int64_t>(), Bk, M, src.E, chunks.S, src.C, buf);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -98,9 +98,16 @@ __global__ void max_pool2d_backward_kernel(const scalar_t* __restrict__ grad_out
 }
 
 // 32-bit index arithmetic is markedly cheaper on the GPU (integer division above all); it is safe when every
-// element offset of every tensor, and the number of work items, stay below 2**31.
-bool fits_int32(std::initializer_list<const at::Tensor*> tensors) {
+// element offset of every tensor, the number of work items, and every intermediate of the window arithmetic
+// (oh * sh - ph + r * dh, i + ph - (kh - 1) * dh + sh, r * kw + c; at most `reach` in magnitude) stay below 2**31.
+bool fits_int32(std::initializer_list<const at::Tensor*> tensors, const PoolWindow<int64_t>& p, int64_t H,
+                int64_t W, int64_t OH, int64_t OW) {
   constexpr int64_t limit = std::numeric_limits<int32_t>::max();
+  const int64_t reach_h = OH * p.sh + p.ph + p.kh * p.dh + H;
+  const int64_t reach_w = OW * p.sw + p.pw + p.kw * p.dw + W;
+  if (reach_h >= limit || reach_w >= limit || p.kh * p.kw >= limit) {
+    return false;
+  }
   for (const at::Tensor* t : tensors) {
     if (t->numel() == 0) {
       continue;
@@ -164,7 +171,7 @@ void max_pool2d_out_cuda(const at::Tensor& x, const at::Tensor& out, const at::T
     return;
   }
   const c10::cuda::CUDAGuard device_guard(x.device());
-  const bool small = fits_int32({&x, &out, &argmax});
+  const bool small = fits_int32({&x, &out, &argmax}, p, x.size(2), x.size(3), out.size(2), out.size(3));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ext_max_pool2d_out_cuda", [&] {
     dispatch_argmax_dtype(argmax.scalar_type(), [&](auto idx_tag) {
       using idx_t = decltype(idx_tag);
@@ -185,7 +192,8 @@ void max_pool2d_backward_out_cuda(const at::Tensor& grad_out, const at::Tensor& 
     return;
   }
   const c10::cuda::CUDAGuard device_guard(grad_out.device());
-  const bool small = fits_int32({&grad_out, &argmax, &grad_in});
+  const bool small = fits_int32({&grad_out, &argmax, &grad_in}, p, grad_in.size(2), grad_in.size(3),
+                                grad_out.size(2), grad_out.size(3));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grad_out.scalar_type(), "ext_max_pool2d_backward_out_cuda", [&] {
         dispatch_argmax_dtype(argmax.scalar_type(), [&](auto idx_tag) {
