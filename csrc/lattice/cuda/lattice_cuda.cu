@@ -240,7 +240,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       simplex.const_data_ptr<int32_t>(), d, B, E, capacity, table.mutable_data_ptr<int32_t>(), slot_ptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const at::Tensor slot_count = at::cumsum(table.ge(0), 1, at::kInt);
-  const at::Tensor num_vertices = slot_count.select(1, capacity - 1).to(at::kLong);
+  const at::Tensor num_vertices = slot_count.select(1, capacity - 1).to(at::kLong).contiguous();
   // The one host synchronisation: the vertex counts size the tables; a bad point fails the build.
   const at::Tensor counts_and_bad = at::stack({num_vertices, bad}).cpu();
   const int64_t* nv = counts_and_bad.const_data_ptr<int64_t>();
