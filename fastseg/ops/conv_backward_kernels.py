@@ -39,7 +39,7 @@ import triton.language as tl
 
 from fastseg._backend import triton_interpreting
 from fastseg.ops._indexing import needs_int64
-from fastseg.ops.conv_kernels import CONFIGS, _pixel_coords
+from fastseg.ops.conv_kernels import CONFIGS, _pixel_coords, autotune_bench
 
 # The input gradient's GEMM has the forward's shape (pixels x channels, reduction over channels): its configs.
 DGRAD_CONFIGS = CONFIGS
@@ -218,8 +218,10 @@ def _conv2d_wgrad_kernel(
     tl.store(gw, acc.to(gw_ptr.dtype.element_ty), mask=k_ok[:, None] & c_ok[None, :])
 
 
-_conv2d_dgrad_tuned = triton.autotune(configs=DGRAD_CONFIGS, key=_AUTOTUNE_KEY)(_conv2d_dgrad_kernel)
-_conv2d_wgrad_tuned = triton.autotune(configs=WGRAD_CONFIGS, key=_AUTOTUNE_KEY)(_conv2d_wgrad_kernel)
+_conv2d_dgrad_tuned = triton.autotune(configs=DGRAD_CONFIGS, key=_AUTOTUNE_KEY, do_bench=autotune_bench)(
+    _conv2d_dgrad_kernel)
+_conv2d_wgrad_tuned = triton.autotune(configs=WGRAD_CONFIGS, key=_AUTOTUNE_KEY, do_bench=autotune_bench)(
+    _conv2d_wgrad_kernel)
 
 
 def _grad_z_args(grad_out, out, scale):
