@@ -54,6 +54,23 @@ def test_gpu_case_list_has_the_networks_and_compile_rows():
     assert all(case.layout == "channels_last" for case in found if case.dtype == torch.bfloat16)
 
 
+def test_gpu_target_rows_run_first():
+    """A GPU run cut by its --budget-s keeps the rows the issues' targets are judged on: the CRF's 512x512 and
+    volume rows, DeepLab-v3 and U-Net float16 inference against eager, the DeepLab + CRF pipeline (the case list
+    is built without a GPU: the cases are lazy)."""
+    found = bench.collect_cases(list(bench.OP_GROUPS), torch.device("cuda"),
+                                [torch.bfloat16, torch.float16, torch.float32], False, "")
+    targets = [case for case in found if case.target]
+    assert found[:len(targets)] == targets
+    labels = [case.label for case in targets]
+    assert len(labels) == 5 and labels[0].startswith("dense_crf | 256x256x128") and "512x512 rgb, 21 labels" in labels[1]
+    assert [label.split(" ")[2] for label in labels[2:4]] == ["deeplabv3_resnet50", "unet"]
+    assert all("| float16 | channels_last | forward" in label for label in labels[2:4])
+    assert "+ dense CRF" in labels[4]
+    assert not any(case.target for case in bench.collect_cases(list(bench.OP_GROUPS), torch.device("cpu"),
+                                                               [torch.float32], False, ""))
+
+
 def test_quick_cpu_rows_are_well_formed(tmp_path, tiny_budget):
     path = tmp_path / "models.json"
     status = bench.main(["--device", "cpu", "--ops", "models", "--quick", "--threads", "1",

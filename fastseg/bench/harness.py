@@ -157,6 +157,7 @@ class Case:
     reference: str
     setup: Callable[[], Workload]
     skip_reason: str | None = None  # set when the case cannot run here (e.g. its reference is not installed)
+    target: bool = False  # an issue's target is judged on this row: it runs before the others (a budget keeps it)
 
     @property
     def label(self) -> str:

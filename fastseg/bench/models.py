@@ -107,6 +107,9 @@ GPU_NETWORKS = (
     Network("deeplab_v1_largefov", (), 8, 321, 321),
 )
 GPU_QUICK = ("deeplabv3_resnet50", "unet")
+# Issue targets (GPU): these networks' float16 channels_last inference against eager, and the CRF pipeline; their
+# rows run first.
+TARGET_NETWORKS, TARGET_DTYPE = ("deeplabv3_resnet50", "unet"), torch.float16
 GPU_TRAIN = ("deeplabv3_resnet50", "unet", "fcn8s", "segnet", "deeplab_v1_largefov")
 GPU_COMPILED_TRAIN = ("deeplabv3_resnet50",)
 GPU_QUICK_TRAIN = ("deeplabv3_resnet50",)
@@ -191,8 +194,10 @@ def _model_case(network: Network, dtype: torch.dtype, layout: str, pass_: str, r
                          else "fp32") + " training step, dropout off"
     if reference == COMPILED:
         label += ", vs torch.compile"
+    target = (device.type == "cuda" and network.name in TARGET_NETWORKS and dtype == TARGET_DTYPE
+              and pass_ == INFERENCE and reference == EAGER)
     case = ModelCase(op="model", case=label, dtype=dtype, layout=layout, pass_=pass_, reference=reference,
-                     setup=lambda: None, images=network.batch)
+                     setup=lambda: None, images=network.batch, target=target)
     case.setup = functools.partial(model_workload, network, dtype, layout, pass_, reference, device, case.info)
     return case
 
@@ -203,7 +208,8 @@ def _crf_pipeline_case(device: torch.device, quick: bool) -> ModelCase:
              f"{network.batch}x3x{size}x{size} photographs, {network.num_classes} labels, {CRF_ITERATIONS} it, "
              f"{CRF_KERNELS}")
     case = ModelCase(op="model", case=label, dtype=torch.float32, layout="nchw", pass_=INFERENCE,
-                     reference=f"{EAGER} + {PYDENSECRF}", setup=lambda: None, images=network.batch)
+                     reference=f"{EAGER} + {PYDENSECRF}", setup=lambda: None, images=network.batch,
+                     target=device.type == "cuda")
     if not pydensecrf_available():
         case.skip_reason = ("pydensecrf is not installed on this machine (pip install pydensecrf2): no "
                             "DeepLab + pydensecrf pipeline to compare with")
