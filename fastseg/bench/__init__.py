@@ -77,11 +77,12 @@ def collect_cases(ops: Sequence[str], device: torch.device, dtypes: Sequence[tor
     cases = []
     for group, op in enumerate(ops):
         group_cases = importlib.import_module(OP_GROUPS[op]).cases(device, dtypes, quick)
-        # The rows targets are judged on first; then an op's cases in its most used dtype (the CRF's float32
-        # included), torch.compile baselines (minutes of autotuning) after the eager ones: a run cut by
-        # --budget-s still measures the targets and every op.
+        # The rows targets are judged on first, each group's in its own order; then an op's cases in its most used
+        # dtype (the CRF's float32 included), torch.compile baselines (minutes of autotuning) after the eager
+        # ones: a run cut by --budget-s still measures the targets and every op.
         group_dtypes = [dtype for dtype in dtypes if any(case.dtype == dtype for case in group_cases)]
-        cases += [((not case.target, group_dtypes.index(case.dtype) if case.dtype in group_dtypes else len(dtypes),
+        cases += [((0, group) if case.target else
+                   (1, group_dtypes.index(case.dtype) if case.dtype in group_dtypes else len(dtypes),
                     case.reference.startswith("torch.compile"), group), case) for case in group_cases]
     cases.sort(key=lambda ranked: ranked[0])  # stable: each op keeps its own order within a rank
     return [case for _, case in cases if label_filter in case.label]
