@@ -311,6 +311,22 @@ def test_every_autotune_config_interpreted():
         _assert_close(out, expected, torch.float32, 171, what=f"config {config}")
 
 
+def test_autotune_pruning_keeps_the_tiles_that_fit():
+    """Autotuning times only configurations whose tile does not exceed the problem (output channels K, output
+    pixels M, each rounded up to a power of two), and always at least one."""
+    from fastseg.ops import conv_kernels
+
+    def pruned(K, M, configs=conv_kernels.CONFIGS):
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"])
+                for c in conv_kernels.prune_configs(configs, dict(K=K, N=2, OH=M // 2, OW=1))]
+
+    assert len(pruned(256, 8 * 33 * 33)) == len(conv_kernels.CONFIGS)  # an ASPP branch: every configuration
+    assert sorted(pruned(64, 8 * 512 * 512)) == [(64, 64), (128, 32), (128, 64), (256, 64)]
+    assert pruned(21, 2 * 65 * 65) == [(128, 32)]  # a classifier: the narrowest tile
+    assert all(m <= 64 for m, _ in pruned(512, 40))
+    assert pruned(16, 10, conv_kernels.CONFIGS[:1]) == [(128, 128)]  # nothing fits: the narrowest given
+
+
 @pytest.mark.parametrize("channels, split", [(64, 2), (70, 3), (64, 9), (19, 9)])
 @pytest.mark.parametrize("epilogue", ["none", "all"])
 def test_split_k_interpreted(channels, split, epilogue):
