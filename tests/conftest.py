@@ -16,7 +16,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import importlib.util
 import random
 import secrets
 
@@ -28,6 +27,9 @@ NO_EXTENSION_REASON = (
     "fastseg._C is not built: run `python setup.py build_ext --inplace` (CI builds it, so these tests run there)"
 )
 NO_TRITON_CPU_REASON = "Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before triton is imported"
+# CI (.ci/run) sets FASTSEG_REQUIRE_TEST_DEPS=1: what it installs (the compiled extension, pydensecrf) must be
+# there, so that a broken build or install fails the tests that need it instead of skipping them.
+REQUIRE_TEST_DEPS = os.environ.get("FASTSEG_REQUIRE_TEST_DEPS") == "1"
 
 BACKENDS = ("reference", "triton", "extension")
 
@@ -77,18 +79,19 @@ def triton_runs_on_cpu():
 
 
 def extension_available():
-    """True when fastseg._C is built and its kernel ops are registered."""
-    try:
-        import fastseg  # noqa: F401  (loads the extension when it is there)
-    except Exception:
-        return False
-    if importlib.util.find_spec("fastseg._C") is None:
-        return False
-    try:
-        import fastseg._C  # noqa: F401
-    except Exception:
-        return False
-    return hasattr(torch.ops.fastseg, "ext_max_pool2d_out")
+    """True when fastseg._C is loaded and its kernel ops are registered; False when it was never built (a source
+    checkout: its tests skip). A compiled extension that is there but does not load (a bad build, another
+    torch), or none at all under REQUIRE_TEST_DEPS, raises: its tests must fail, not skip."""
+    import fastseg
+    from fastseg import _backend
+
+    if _backend.extension() is not None and hasattr(torch.ops.fastseg, "ext_max_pool2d_out"):
+        return True
+    built = [name for name in os.listdir(os.path.dirname(fastseg.__file__)) if name.startswith("_C.")]
+    if built or REQUIRE_TEST_DEPS:
+        raise RuntimeError(f"fastseg._C ({', '.join(built) or 'not built'}) does not load or lacks its ops: "
+                           f"{_backend.extension_error()}")
+    return False
 
 
 def skip_unless_backend(name, device="cpu"):

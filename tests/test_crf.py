@@ -9,12 +9,13 @@ Three references:
   argmax agreement >= 99.5 % and mean |dQ| < 1e-3 after 10 iterations.
 """
 
-import importlib.util
 import math
 
 import numpy as np
 import pytest
 import torch
+
+from conftest import REQUIRE_TEST_DEPS
 
 import fastseg
 import fastseg.ops.crf as crf_ops
@@ -31,23 +32,6 @@ MEAN_ABS_DQ = 1e-3
 FAITHFUL_MEAN_ABS_DQ = 1e-5  # what the same lattice in the same precision gives (measured ~1e-8 on the CPU)
 
 
-def lattice_available():
-    if importlib.util.find_spec("fastseg.ops.lattice") is None:
-        return False
-    try:
-        from fastseg.ops.lattice import PermutohedralLattice
-
-        PermutohedralLattice(torch.rand(1, 2, 3, 3)).filter(torch.ones(1, 1, 3, 3))
-    except Exception:
-        return False
-    return True
-
-
-HAVE_LATTICE = lattice_available()
-NO_LATTICE = "fastseg.ops.lattice (the permutohedral lattice) is not available"
-needs_lattice = pytest.mark.skipif(not HAVE_LATTICE, reason=NO_LATTICE)
-
-
 def have_pydensecrf():
     try:
         import pydensecrf.densecrf  # noqa: F401
@@ -58,8 +42,10 @@ def have_pydensecrf():
 
 
 def pydensecrf():
-    """pydensecrf.densecrf, or skip the calling test."""
+    """pydensecrf.densecrf, or skip the calling test (fail it under REQUIRE_TEST_DEPS: CI installs pydensecrf)."""
     if not have_pydensecrf():
+        if REQUIRE_TEST_DEPS:
+            pytest.fail(f"FASTSEG_REQUIRE_TEST_DEPS=1 but pydensecrf does not import: {NO_PYDENSECRF}")
         pytest.skip(NO_PYDENSECRF)
     import pydensecrf.densecrf as dcrf
 
@@ -385,7 +371,6 @@ def test_compat_utils_match_pydensecrf():
 # ----------------------------------------------------------------------------------------------------------
 # with the real lattice
 # ----------------------------------------------------------------------------------------------------------
-@needs_lattice
 def test_batch_and_3d_match_per_image_lattice_loop():
     logits = torch.randn(2, 4, 12, 10) * 2
     image = torch.rand(2, 3, 12, 10) * 255
@@ -402,7 +387,6 @@ def test_batch_and_3d_match_per_image_lattice_loop():
     torch.testing.assert_close(q3, mean_field_with_lattice(logits3, image3, spacing=spacing), atol=1e-5, rtol=0)
 
 
-@needs_lattice
 def test_reference_lattice_backend_agrees():
     """The CRF on the plain-PyTorch lattice (fastseg.backend("reference")) and on the default backend."""
     logits, image = torch.randn(2, 4, 12, 10) * 2, torch.rand(2, 3, 12, 10) * 255
@@ -411,7 +395,6 @@ def test_reference_lattice_backend_agrees():
         torch.testing.assert_close(fastseg.dense_crf(logits, image), q, atol=1e-5, rtol=0)
 
 
-@needs_lattice
 def test_3d_close_to_exact_brute_force():
     """The lattice approximates the Gaussian: on a tiny volume the CRF stays close to the exact CRF.
 
@@ -428,12 +411,10 @@ def test_3d_close_to_exact_brute_force():
     assert np.abs(q - expected).mean() < 0.03
 
 
-@needs_lattice
 def test_gradcheck_lattice():
     _gradcheck_dense_crf(batch=2, channels=3, colour_range=50, srgb=20.0)
 
 
-@needs_lattice
 def test_learnable_module():
     crf = fastseg.nn.DenseCRF(4, iterations=3, learnable=True)
     assert {n for n, _ in crf.named_parameters()} == {"gaussian_weight", "bilateral_weight", "compatibility"}
@@ -458,7 +439,6 @@ PHOTOGRAPHS = [("astronaut", 256, 256, 2), ("chelsea", 96, 128, 2), ("coffee", 1
                ("immunohistochemistry", 96, 96, 1)]
 
 
-@needs_lattice
 @pytest.mark.parametrize("name,height,width,step", PHOTOGRAPHS)
 def test_photographs_potts_against_pydensecrf(name, height, width, step):
     rng = seeded_rng()
@@ -470,7 +450,6 @@ def test_photographs_potts_against_pydensecrf(name, height, width, step):
     assert mean_dq < FAITHFUL_MEAN_ABS_DQ
 
 
-@needs_lattice
 @pytest.mark.parametrize("name,height,width,step", PHOTOGRAPHS[1:3])
 def test_photographs_full_compatibility_against_pydensecrf(name, height, width, step):
     rng = seeded_rng()
@@ -483,7 +462,6 @@ def test_photographs_full_compatibility_against_pydensecrf(name, height, width, 
     assert_agrees(q, expected, f"{name} full compatibility")
 
 
-@needs_lattice
 @pytest.mark.parametrize("full_compat", [False, True])
 def test_random_unaries_against_pydensecrf_batched(full_compat):
     """Random images and unaries, 21 labels, a batch of 3 in one call against pydensecrf image by image."""
@@ -500,7 +478,6 @@ def test_random_unaries_against_pydensecrf_batched(full_compat):
         assert_agrees(q[b], run_pydensecrf(unaries[b], images[b], **kw), f"random image {b}")
 
 
-@needs_lattice
 def test_compat_frontend_is_a_drop_in_for_pydensecrf():
     """One pydensecrf script, run with both modules: only the import differs; the numbers agree."""
     dcrf = pydensecrf()
@@ -617,7 +594,6 @@ def test_memory_check_uses_the_available_memory(monkeypatch):
     fastseg.dense_crf(logits, image)
 
 
-@pytest.mark.skipif(not lattice_available(), reason="the lattice extension is not built")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_lattice_memory_lower_bound_counts_only_what_the_build_allocates(dtype):
     """The bound is exactly the built lattice's per-entry tables: it never exceeds what a build allocates."""
@@ -649,7 +625,6 @@ def test_compat_frontend_errors():
 # GPU
 # ----------------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
-@needs_lattice
 def test_cuda_matches_cpu_and_pydensecrf():
     rng = seeded_rng()
     from fastseg.bench.crf import sample_image
@@ -675,7 +650,6 @@ def test_cuda_matches_cpu_and_pydensecrf():
 
 
 @pytest.mark.gpu
-@needs_lattice
 @pytest.mark.parametrize("shape, channels", [((96, 128), 3), ((24, 40, 48), 1)])
 def test_cuda_memory_lower_bound_is_below_the_peak(shape, channels):
     """What the memory check compares with the free memory never exceeds what dense_crf allocates on CUDA."""

@@ -471,20 +471,14 @@ def test_backward_saves_narrow_offsets(backend):
     assert argmax.dtype == torch.int64
 
 
-def test_double_backward_not_silently_wrong(backend):
-    """Double backward (the gradient is linear in grad_out): fastseg either gives torch's result or raises."""
+def test_double_backward_refuses_loudly(backend):
+    """Double backward is not implemented: differentiating the backward raises, naming the op (it must never
+    return a silently wrong or zero gradient)."""
     x = make_input((1, 2, 5, 6), torch.float64, "ties").requires_grad_()
-    xt = x.detach().clone().requires_grad_()
     v = torch.randn(1, 2, 4, 5, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(1, 2, 5, 6, dtype=torch.float64)
-    (gt,) = torch.autograd.grad(F.max_pool2d(xt, 2, 1), xt, v, create_graph=True)
-    (expected,) = torch.autograd.grad((gt * w).sum(), v)
-    try:
-        (g,) = torch.autograd.grad(fastseg.max_pool2d(x, 2, 1), x, v, create_graph=True)
-        (got,) = torch.autograd.grad((g * w).sum(), v)
-    except RuntimeError:
-        return  # refused loudly
-    assert_same(got, expected, "double backward")
+    (g,) = torch.autograd.grad(fastseg.max_pool2d(x, 2, 1), x, v, create_graph=True)
+    with pytest.raises(RuntimeError, match="max_pool2d_backward"):
+        torch.autograd.grad((g * torch.randn_like(g)).sum(), v)
 
 
 # --------------------------------------------------------------------------------------------------------------
