@@ -15,6 +15,13 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Import triton now, under that setting: its language module's own @jit functions (tl.zeros, ...) are made
+    # interpreted or compiled at import. Imported later by chance (torch._dynamo imports it) inside a test that
+    # sets TRITON_INTERPRET=0, they would be compiled ones, and every later interpreted kernel calling them fails.
+    try:
+        import triton.language  # noqa: F401
+    except ImportError:
+        pass
 
 import random
 import secrets
