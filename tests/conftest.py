@@ -9,6 +9,7 @@ Random inputs are fresh on every run. Each test gets its own seed (printed when 
 FASTSEG_TEST_SEED=<seed> to replay a failure.
 """
 
+import contextlib
 import os
 
 import torch
@@ -122,6 +123,23 @@ def poison_(t):
     with torch.no_grad():
         t.fill_(float("nan") if t.is_floating_point() else INT_SENTINEL)
     return t
+
+
+@contextlib.contextmanager
+def nan_filled_allocations():
+    """Inside, every tensor torch allocates starts as NaN (integers: their largest value), the ones the C++ and
+    CUDA kernels allocate for their outputs (at::empty) included: torch's deterministic mode fills
+    uninitialised memory. An output element a kernel leaves unwritten then fails the comparison. Ops without a
+    deterministic implementation only warn (warn_only)."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.utils.deterministic.fill_uninitialized_memory = before[2]
 
 
 def poisoned(shape, dtype, device="cpu", layout="nchw"):
