@@ -49,17 +49,21 @@ def mass_ratio(d):
 # --------------------------------------------------------------------------------------------------------------
 # accuracy
 # --------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("d, h, half", [(1, 0.02, 8.0), (2, 0.1, 6.5)])
+@pytest.mark.parametrize("d, h, half", [(1, 0.02, 8.0), (2, 0.1, 6.5), (3, 0.2, 6.5), (4, 0.33, 6.3)])
 def test_dense_grid_moments(d, h, half):
-    """On a dense regular grid (spacing h much smaller than the lattice spacing sqrt(d (d+1)) / s ~ 0.87,
-    rotated so it is not aligned with the lattice), at points at least 5 from the border (where the Gaussian's
-    tail is below 4e-6), the lattice kernel's moments follow from its construction:
+    """On a dense regular grid (spacing h smaller than the lattice spacing sqrt(d (d+1)) / s ~ 0.87, rotated so
+    it is not aligned with the lattice), at points at least 5 from the border (where the Gaussian's tail is
+    below 4e-6), the lattice kernel's moments follow from its construction (d = 3 and 4 on coarser grids: the
+    grid's points grow as h^-d; these are the checks that catch a blur pass missing or misweighted there, which
+    the random-point test below cannot):
 
     - mass: filter(1) h^d / (2 pi)^(d/2) = mass_ratio(d) (derivation in mass_ratio). The only error is the
-      aliasing of the grid against the lattice, O((h / lattice spacing)^2) ~ 1e-3 at most here; allow 2e-3.
+      aliasing of the grid against the lattice; allow 2e-3 (measured: at most 4e-4 over 12 rotations at d = 3
+      and 4, 1e-3 at d = 1, 2). A missing blur pass halves the mass, a half-strength one scales it by 3/4.
     - first moment: splat and slice are barycentric interpolations, which reproduce linear functions exactly,
       and the blur is symmetric about each vertex, so the normalised kernel is centred on the point: the
-      "after"-normalised filter of the features returns the features (up to the same aliasing).
+      "after"-normalised filter of the features returns the features (up to the same aliasing, 2e-3 of the
+      kernel's unit width).
     - second moment per dimension: the blur's d + 1 passes of [1/4, 1/2, 1/4] along unit directions u_j with
       step length sqrt(d (d+1)) have covariance sum_j d (d+1) / 2 u_j u_j^T = (d+1)^2 / 2 I (the u_j form a
       tight frame, sum u_j u_j^T = (d+1)/d I), i.e. 3/4 I in feature units (divide by s^2). The splat over a
@@ -81,7 +85,7 @@ def test_dense_grid_moments(d, h, half):
     assert interior.sum() > 10
     ratio = mass[interior] * h**d / (2 * math.pi) ** (d / 2)
     torch.testing.assert_close(ratio, torch.full_like(ratio, mass_ratio(d)), rtol=2e-3, atol=0)
-    assert float((mean - g)[:, interior].abs().max()) < 1e-3
+    assert float((mean - g)[:, interior].abs().max()) < 2e-3
     var = variance[interior]
     assert float(var.min()) >= 7 / 8 - 1e-2 and float(var.max()) <= 17 / 16 + 1e-2, (var.min(), var.max())
 
