@@ -344,6 +344,29 @@ def test_extension_built_for_other_torch_refuses(monkeypatch):
         _backend._load_extension()
 
 
+@pytest.mark.parametrize("built_cuda, runtime_cuda, message", [
+    ("12.8", "13.0", "built with CUDA 12.8, but torch uses CUDA 13.0"),
+    ("13.0", None, "CPU-only build"),
+])
+def test_extension_built_for_other_cuda_refuses(monkeypatch, built_cuda, runtime_cuda, message):
+    """An extension built with another CUDA major version, or with CUDA for a CPU-only torch, is not loaded:
+    ImportError saying what to rebuild with (a minor-version difference is fine)."""
+    fake = types.SimpleNamespace(build_info=lambda: {
+        "version": fastseg.__version__, "torch_version": torch.__version__, "cuda_version": built_cuda,
+        "arch_list": ["9.0"], "cuda_kernels": True})
+    real_import = _backend.importlib.import_module
+    monkeypatch.setattr(_backend.importlib, "import_module",
+                        lambda name, *a, **k: fake if name == "fastseg._C" else real_import(name, *a, **k))
+    monkeypatch.setattr(_backend.torch.version, "cuda", runtime_cuda)
+    with pytest.raises(ImportError, match=message) as error:
+        _backend._load_extension()
+    assert "build_ext --inplace" in str(error.value)
+    info = fake.build_info()
+    monkeypatch.setattr(_backend.torch.version, "cuda", "13.2")
+    monkeypatch.setattr(fake, "build_info", lambda: {**info, "cuda_version": "13.0"})
+    assert _backend._load_extension() is fake
+
+
 def test_a_broken_extension_fails_its_tests_instead_of_skipping(monkeypatch):
     """conftest's extension_available(): a compiled fastseg._C that does not load is an error (its tests must not
     quietly skip), and so is a missing one when CI requires it; a never-built source checkout skips."""

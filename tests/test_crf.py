@@ -263,6 +263,41 @@ def test_non_contiguous_and_channels_last(exact_lattice):
     torch.testing.assert_close(q, expected, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_path_non_contiguous_and_channels_last(dtype):
+    """The real path (the fused C++ mean field over lattices; the reference when the extension is absent) on a
+    2-D batch and a 3-D volume: channels_last logits, a transposed-strides image, and views with gaps give the
+    contiguous inputs' result."""
+    logits = torch.randn(2, 4, 9, 11, dtype=dtype)
+    image = torch.rand(2, 3, 9, 11, dtype=dtype) * 255
+    expected = fastseg.dense_crf(logits, image, iterations=4)
+    tight = 1e-6 if dtype == torch.float32 else 1e-12
+    got = fastseg.dense_crf(logits.contiguous(memory_format=torch.channels_last),
+                            image.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2), iterations=4)
+    torch.testing.assert_close(got, expected, rtol=tight, atol=tight)
+    gappy_logits = torch.randn(2, 4, 9, 21, dtype=dtype)[..., ::2].copy_(logits)
+    gappy_image = torch.rand(2, 6, 9, 11, dtype=dtype)[:, ::2].copy_(image)
+    torch.testing.assert_close(fastseg.dense_crf(gappy_logits, gappy_image, iterations=4), expected, rtol=tight,
+                               atol=tight)
+    volume_logits = torch.randn(1, 3, 5, 6, 7, dtype=dtype)
+    volume = torch.rand(1, 1, 5, 6, 7, dtype=dtype) * 255
+    expected = fastseg.dense_crf(volume_logits, volume, iterations=3)
+    got = fastseg.dense_crf(volume_logits.contiguous(memory_format=torch.channels_last_3d),
+                            volume.transpose(2, 4).contiguous().transpose(2, 4), iterations=3)
+    torch.testing.assert_close(got, expected, rtol=tight, atol=tight)
+
+
+def test_dense_crf_rejects_sigmas_that_overflow_the_lattice():
+    """A sigma so small that the features overflow the lattice's int32 keys raises a ValueError naming the
+    cause, from dense_crf itself (not only from the lattice)."""
+    logits = torch.randn(1, 2, 8, 8)
+    image = torch.rand(1, 3, 8, 8) * 255
+    with pytest.raises(ValueError, match="too large"):
+        fastseg.dense_crf(logits, image, iterations=1, bilateral_srgb=1e-9)
+    with pytest.raises(ValueError, match="too large"):
+        fastseg.dense_crf(logits, image, iterations=1, gaussian_sxy=1e-9)
+
+
 def _gradcheck_dense_crf(batch: int, channels: int, colour_range: float, srgb: float) -> None:
     """gradcheck in float64 of 3 CRF iterations w.r.t. the logits, both kernel weights and the compatibility."""
     logits = torch.randn(batch, 3, 3, 4, dtype=torch.float64, requires_grad=True)
