@@ -202,18 +202,19 @@ _conv2d_igemm_tuned = triton.autotune(configs=CONFIGS, key=_AUTOTUNE_KEY + ["SPL
                                       prune_configs_by={"early_config_prune": prune_configs})(_conv2d_igemm_kernel)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLIT_STRIDE"])
 def _splitk_epilogue_kernel(
     ws_ptr, out_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr,
-    K, OH, OW, M, SPLITS,
+    K, OH, OW, M, SPLITS, SPLIT_STRIDE,
     son, soc, soh, sow,
     srn, src, srh, srw,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """out = epilogue(sum over s of ws[s]) for the split-K partial sums ws [SPLITS, M, K] (float32), summed in
-    order s = 0, 1, ... (deterministic)."""
+    """out = epilogue(sum over s of ws[s]) for the split-K partial sums ws [SPLITS, M, K] (float32; SPLIT_STRIDE
+    = M * K, passed in: a product of scalar arguments could overflow int32), summed in order s = 0, 1, ...
+    (deterministic)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
     n, oh, ow = _pixel_coords(offs_m, OH, OW, INDEX_64)
@@ -223,10 +224,10 @@ def _splitk_epilogue_kernel(
         offs_m = offs_m.to(tl.int64)
     ws = ws_ptr + offs_m[:, None] * K + co[None, :]
     mask = m_ok[:, None] & co_ok[None, :]
-    plane = M.to(tl.int64) * K
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for s in range(SPLITS):
-        acc += tl.load(ws + s * plane, mask=mask, other=0.0)
+    for _ in range(SPLITS):
+        acc += tl.load(ws, mask=mask, other=0.0)
+        ws += SPLIT_STRIDE
     _epilogue(acc, co, co_ok, n * son + oh * soh + ow * sow, m_ok, out_ptr, soc,
               bias_ptr, scale_ptr, shift_ptr, res_ptr, n * srn + oh * srh + ow * srw, src,
               HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RESIDUAL, RELU)
@@ -350,7 +351,7 @@ def forward(x, weight, bias, scale, shift, residual, out, stride, padding, dilat
         _conv2d_igemm_tuned[grid](*args, SPLIT_CHANNELS=split_channels, **common)
     if splits > 1:
         grid = (triton.cdiv(M, _SPLIT_BLOCK_M), triton.cdiv(K, _SPLIT_BLOCK_N))
-        _splitk_epilogue_kernel[grid](workspace, out, *epilogue_args, K, OH, OW, M, splits, *out.stride(),
+        _splitk_epilogue_kernel[grid](workspace, out, *epilogue_args, K, OH, OW, M, splits, M * K, *out.stride(),
                                       *res.stride(), INDEX_64=common["INDEX_64"], **epilogue,
                                       BLOCK_M=_SPLIT_BLOCK_M, BLOCK_N=_SPLIT_BLOCK_N)
 
