@@ -861,7 +861,9 @@ def test_gpu_forward_large(one_autotune_config, dtype, layout, index):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("index, dtype, layout", GPU_COMBOS[::4])
+# A quarter of the combinations, and case 3 (epilogue "all": bias, affine, residual, ReLU) in float16, where the
+# cuDNN candidates are cudnn_convolution_add_relu and F.conv2d + add_ + relu_ in half precision.
+@pytest.mark.parametrize("index, dtype, layout", GPU_COMBOS[::4] + [(3, torch.float16, "channels_last")])
 def test_gpu_auto_times_and_both_candidates_match(one_autotune_config, monkeypatch, dtype, layout, index):
     """"auto" picks one implementation per problem; whichever it picks, every candidate (Triton; cuDNN with the
     affine folded; and where the epilogue ends in a ReLU, cuDNN's cudnn_convolution_(add_)relu fusion) matches
@@ -898,6 +900,21 @@ def test_gpu_every_autotune_config(dtype):
         conv_kernels.forward(x, w, bias, scale, shift, None, out, (1, 1), (6, 6), (6, 6), 1, True, False,
                              conv_kernels.config_kwargs(config), split=split)
         _assert_close(out, expected, dtype, 1440, what=f"config {config}, split {split}")
+
+
+@pytest.mark.gpu
+def test_gpu_autotuning_times_only_the_configs_that_fit():
+    """On the GPU the autotuner really prunes: a 64-output-channel problem times the 4 configurations whose tile
+    fits it, and the result is right."""
+    from fastseg.ops import conv_kernels
+
+    x = torch.randn(1, 32, 37, 41, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(64, 32, 3, 3, device="cuda", dtype=torch.float16) / 17
+    with fastseg.backend("triton"):
+        got = fastseg.fused_conv2d(x, w, padding=1, activation="relu")
+    _assert_close(got, _expected(x, w, None, None, None, None, 1, 1, 1, 1, "relu"), torch.float16, 288)
+    timed = [config.kwargs["BLOCK_N"] for config in conv_kernels._conv2d_igemm_tuned.configs_timings]
+    assert len(timed) == 4 and max(timed) == 64, timed
 
 
 @pytest.mark.gpu

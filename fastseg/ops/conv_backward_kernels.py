@@ -39,10 +39,11 @@ import triton.language as tl
 
 from fastseg._backend import triton_interpreting
 from fastseg.ops._indexing import needs_int64
-from fastseg.ops.conv_kernels import CONFIGS, _pixel_coords, autotune_bench
+from fastseg.ops.conv_kernels import GEMM_CONFIGS, _pixel_coords, autotune_bench
 
-# The input gradient's GEMM has the forward's shape (pixels x channels, reduction over channels): its configs.
-DGRAD_CONFIGS = CONFIGS
+# The input gradient's GEMM has the forward's shape (pixels x channels, reduction over channels): its configs
+# (not yet the forward's Hopper-sized tiles, untimed for the backward).
+DGRAD_CONFIGS = GEMM_CONFIGS
 # Weight gradient: BLOCK_M output channels x BLOCK_N input channels, BLOCK_K pixels per reduction step.
 WGRAD_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),

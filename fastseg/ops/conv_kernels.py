@@ -36,8 +36,9 @@ from fastseg._backend import triton_interpreting
 from fastseg.ops._indexing import needs_int64
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the implicit GEMM; autotuned on CUDA per shape.
-CONFIGS = [
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for an implicit GEMM; autotuned on CUDA per shape. The input
+# gradient's GEMM uses these (conv_backward_kernels.DGRAD_CONFIGS).
+GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
@@ -45,8 +46,11 @@ CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 256, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
-    # Hopper-sized tiles: a 128x256 tile covers an ASPP branch's 256 output channels, so each gathered input tile
-    # is loaded once instead of twice (float32 inputs exceed the shared memory: the autotuner skips them).
+]
+# The forward's: those, and Hopper-sized tiles. A 128x256 tile covers an ASPP branch's 256 output channels, so
+# each gathered input tile is loaded once instead of twice (in shared memory 64-128 KB for half precision, 192
+# KB for float32; float32 with TF32 exceeds the H100's 227 KB: the autotuner drops them then).
+CONFIGS = GEMM_CONFIGS + [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
@@ -336,6 +340,8 @@ def forward(x, weight, bias, scale, shift, residual, out, stride, padding, dilat
     workspace = torch.empty((splits, M, K), dtype=torch.float32, device=x.device) if splits > 1 else dummy
     common.update(FP32_INPUTS=x.dtype == torch.float32, ALLOW_TF32=bool(allow_tf32) and x.dtype == torch.float32,
                   SPLIT=splits > 1)
+    if splits > 1:  # the epilogue kernel applies it: one compiled split kernel serves every epilogue
+        common.update({flag: False for flag in epilogue})
     common["INDEX_64"] = common["INDEX_64"] or (splits > 1 and needs_int64(workspace))
     args = (x, weight, out, *epilogue_args, workspace, N, C, H, W, K, OH, OW, *strides)
     if config is None and triton_interpreting():
