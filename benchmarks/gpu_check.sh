@@ -144,14 +144,30 @@ other_test_files() {
     done
 }
 
+# pytest-xdist, where the device has it or device_deps carries it: the GPU tests in GPU_TEST_WORKERS processes
+# (their time goes mostly to Triton compilations, which are CPU-bound; each process has its own CUDA context, so
+# a fault in one worker fails its tests, not the others').
+GPU_TEST_WORKERS=${GPU_TEST_WORKERS:-4}
+xdist_args() {
+    "$PYTHON" -c 'import xdist, execnet' 2>/dev/null || return 0
+    if "$PYTHON" -m pytest --help 2>/dev/null | grep -q -- '--numprocesses'; then
+        echo "-n $GPU_TEST_WORKERS"
+    else # importable from device_deps but not installed: load the plugin by name
+        echo "-p xdist.plugin -n $GPU_TEST_WORKERS"
+    fi
+}
+
 # run_pytest LIMIT JUNIT FILES...: the GPU-marked tests of FILES (named one by one: given the tests folder as
 # well, pytest runs everything in the folder's order).
 run_pytest() {
-    local limit=$1 junit=$2
+    local limit=$1 junit=$2 parallel
     shift 2
     rm -f "$junit" # a report left by an earlier run must not be counted as this one's
+    parallel=$(xdist_args)
+    echo "pytest workers: ${parallel:-none (pytest-xdist not importable)}"
+    # shellcheck disable=SC2086 # $parallel is a list of options
     timeout --signal=INT --kill-after=15 "$limit" \
-        "$PYTHON" -m pytest -m gpu "$@" -q -rs --continue-on-collection-errors --junitxml="$junit"
+        "$PYTHON" -m pytest -m gpu $parallel "$@" -q -rs --continue-on-collection-errors --junitxml="$junit"
 }
 
 run_gpu_tests() {
