@@ -253,6 +253,16 @@ def test_folded_cudnn_path_matches_the_specification(dtype, layout, index):
     assert got.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last" and x.shape[1] > 1)
 
 
+def test_cudnn_fusion_refuses_what_it_cannot_fuse():
+    from fastseg.ops import conv as conv_ops
+
+    x, w = torch.randn(1, 4, 9, 9), torch.randn(6, 4, 3, 3)
+    for activation in ("relu", None):  # CPU tensors, or no ReLU: cuDNN has no such fusion
+        with pytest.raises(ValueError, match="cuDNN's fusion needs CUDA tensors and an epilogue ending in a ReLU"):
+            conv_ops.folded_conv2d(x, w, None, None, None, None, (1, 1), [1, 1, 1, 1], (1, 1), 1, activation,
+                                   cudnn_fusion=True)
+
+
 def test_auto_keeps_the_fastest_implementation_per_problem(monkeypatch):
     """The selection itself, with the timing replaced: the fastest candidate wins, once per problem; cuDNN's ReLU
     fusion is a candidate only when the epilogue ends in a ReLU; a candidate that raises drops out with a warning;

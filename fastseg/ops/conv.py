@@ -252,10 +252,13 @@ def folded_conv2d(x: Tensor, weight: Tensor, bias, scale, shift, residual, strid
                   activation, *, cudnn_fusion: bool = False) -> Tensor:
     """The fused op through torch's convolution (cuDNN on CUDA), the affine folded into the weights and bias
     (weight * scale and bias * scale + shift, computed in float32 or wider and rounded once to x's dtype):
-    F.conv2d, then the residual and the ReLU in place. With ``cudnn_fusion`` (CUDA, an epilogue ending in a
-    ReLU) cuDNN's fused convolution + bias (+ residual) + ReLU instead (torch.cudnn_convolution_relu /
-    cudnn_convolution_add_relu): one call, but its kernels can be many times slower than the plain convolution's
-    (pytorch#68506: channels_last, 7x7), so "auto" times both. The result has F.conv2d's memory format."""
+    F.conv2d, then the residual and the ReLU in place. With ``cudnn_fusion`` (CUDA tensors and an epilogue
+    ending in a ReLU; anything else raises) cuDNN's fused convolution + bias (+ residual) + ReLU instead
+    (torch.cudnn_convolution_relu / cudnn_convolution_add_relu): one call, but its kernels can be many times
+    slower than the plain convolution's (pytorch#68506: channels_last, 7x7), so "auto" times both. The result has
+    F.conv2d's memory format."""
+    if cudnn_fusion and not (activation == "relu" and x.is_cuda):
+        raise ValueError("folded_conv2d: cuDNN's fusion needs CUDA tensors and an epilogue ending in a ReLU")
     memory_format = _output_memory_format(x, weight)
     compute = torch.promote_types(x.dtype, torch.float32)
     if scale is not None:
@@ -272,7 +275,7 @@ def folded_conv2d(x: Tensor, weight: Tensor, bias, scale, shift, residual, strid
         x = F.pad(x, (pl, pr, pt, pb))
         pt = pl = 0
     stride, padding, dilation = list(stride), [pt, pl], list(dilation)
-    if cudnn_fusion and activation == "relu" and x.is_cuda:
+    if cudnn_fusion:
         if residual is None:
             y = torch.cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, groups)
         else:
