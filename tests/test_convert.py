@@ -141,11 +141,14 @@ def assert_outputs_close(got, expected, **tolerance):
 
 
 def check_train_step(original, optimized, x):
-    """One training step in both: outputs, parameter gradients and updated BatchNorm statistics match."""
+    """One training step in both: outputs, parameter gradients and updated BatchNorm statistics match (both
+    forwards draw the same random numbers, so dropout drops the same elements)."""
     outputs = []
+    seed = int(torch.randint(2**31, ()))
     for model in (original, optimized):
         model.train()
         model.zero_grad()
+        torch.manual_seed(seed)
         outputs.append(model(x))
         outputs[-1].square().mean().backward()
     assert_outputs_close(outputs[1], outputs[0])
@@ -443,4 +446,22 @@ def test_torchvision_models(name):
     if segmentation:
         got, expected = got["out"], expected["out"]
     assert_outputs_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert fastseg_modules(revert(optimized)) == []
+
+
+@pytest.mark.parametrize("architecture", ["Unet", "DeepLabV3Plus", "FPN"])
+def test_segmentation_models_pytorch(architecture):
+    """segmentation_models_pytorch's networks (ResNet-18 encoder, no pretrained weights: nothing downloaded): the
+    converter fuses their conv-BN-ReLU chains and leaves the ReLUs their residual blocks call twice; outputs in
+    eval mode, and one training step's outputs, gradients and BatchNorm statistics, match the original's."""
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    original = randomized(getattr(smp, architecture)(encoder_name="resnet18", encoder_weights=None, classes=3))
+    optimized, report = optimize(original.eval(), report=True)
+    assert len(report.converted) >= 20
+    assert report["encoder.layer1.0.relu"].action == "left"
+    assert_same_state(optimized, original)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert_outputs_close(optimized(x), original(x), rtol=1e-4, atol=1e-4)
+    check_train_step(original, optimized, x)
     assert fastseg_modules(revert(optimized)) == []
