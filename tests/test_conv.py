@@ -22,6 +22,7 @@ Inputs are random and fresh each run; a failing test prints its seed (see confte
 """
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -351,6 +352,26 @@ def test_every_autotune_config_interpreted():
         out = poison_(torch.empty(1, 21, 5, 7))
         _direct(x, w, bias, None, None, None, out, 1, 1, 1, 1, True, conv_kernels.config_kwargs(config))
         _assert_close(out, expected, torch.float32, 171, what=f"config {config}")
+
+
+def test_split_k_heuristic(monkeypatch):
+    """Split-K where the output tiles would leave SMs idle and the reduction is long enough to share: DeepLab-v3's
+    33x33 ASPP branch at batch 8 on an H100 (138 tiles, 132 SMs) takes 3 ranges of 96 steps of 64 channels; the
+    65x65 branch (530 tiles), a short reduction, and CPU tensors take none."""
+    from fastseg.ops import conv_kernels
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+
+    def split(n, c, size, k, kernel, out_size, cuda=True):
+        meta = lambda *shape: SimpleNamespace(shape=shape, is_cuda=cuda, device="cuda")  # noqa: E731
+        return conv_kernels.reduction_split(meta(n, c, size, size), meta(k, c, kernel, kernel),
+                                            meta(n, k, out_size, out_size))
+
+    assert split(8, 2048, 33, 256, 3, 33) == (3, 96 * 64)
+    assert split(8, 2048, 65, 256, 3, 65) == (1, 0)
+    assert split(8, 64, 33, 256, 3, 33) == (1, 0)  # 9 steps: too short to share
+    assert split(4, 1024, 30, 1024, 3, 28) == (2, 72 * 64)  # U-Net's 1024-channel layer
+    assert split(8, 2048, 33, 256, 3, 33, cuda=False) == (1, 0)
 
 
 def test_autotune_pruning_keeps_the_tiles_that_fit():
