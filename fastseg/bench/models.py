@@ -107,11 +107,12 @@ GPU_NETWORKS = (
     Network("deeplab_v1_largefov", (), 8, 321, 321),
 )
 GPU_QUICK = ("deeplabv3_resnet50", "unet")
-# Issue targets (GPU): these networks' float16 channels_last inference against eager, and the CRF pipeline; their
-# rows run first, U-Net, the pipeline, then DeepLab v3: the Triton kernels U-Net's first call compiles
-# (convolution + bias + ReLU) serve DeepLab v1 in the pipeline too, and DeepLab v3's BatchNorm and residual
-# variants compile the most, so a run cut by its budget measures the most targets.
+# Issue targets (GPU): these networks' float16 channels_last inference against eager, and the CRF pipeline (DeepLab
+# v1 + CRF); their rows run first, in TARGET_ORDER: the Triton kernels U-Net's first call compiles (convolution +
+# bias + ReLU) serve DeepLab v1 in the pipeline too, and DeepLab v3's BatchNorm and residual variants compile the
+# most, so a run cut by its budget measures the most targets.
 TARGET_NETWORKS, TARGET_DTYPE = ("unet", "deeplabv3_resnet50"), torch.float16
+TARGET_ORDER = ("unet", "deeplab_v1_largefov", "deeplabv3_resnet50")
 GPU_TRAIN = ("deeplabv3_resnet50", "unet", "fcn8s", "segnet", "deeplab_v1_largefov")
 GPU_COMPILED_TRAIN = ("deeplabv3_resnet50",)
 GPU_QUICK_TRAIN = ("deeplabv3_resnet50",)
@@ -189,12 +190,8 @@ def cases(device: torch.device, dtypes: Sequence[torch.dtype], quick: bool) -> l
 
 
 def _target_order(case: Case) -> int:
-    """U-Net's target row, the pipeline's, DeepLab v3's, then the rest (see TARGET_NETWORKS)."""
-    if not case.target:
-        return 3
-    if "+ dense CRF" in case.case:
-        return 1
-    return 0 if case.case.startswith("unet") else 2
+    """The target rows in TARGET_ORDER (a case's label starts with its network's name), then the rest."""
+    return TARGET_ORDER.index(case.case.split(" ")[0]) if case.target else len(TARGET_ORDER)
 
 
 def _model_case(network: Network, dtype: torch.dtype, layout: str, pass_: str, reference: str,
