@@ -142,6 +142,14 @@ def nan_filled_allocations():
         torch.utils.deterministic.fill_uninitialized_memory = before[2]
 
 
+@pytest.fixture
+def nan_filled():
+    """nan_filled_allocations() around the test: the test modules of kernels that allocate their own outputs use
+    it for every test (pytest.mark.usefixtures("nan_filled"))."""
+    with nan_filled_allocations():
+        yield
+
+
 def poisoned(shape, dtype, device="cpu", layout="nchw"):
     """A freshly poisoned (N, C, H, W) output in the given layout ("nchw", "channels_last" or "strided", the
     last a non-contiguous view into a larger buffer whose other elements are poisoned too)."""

@@ -15,23 +15,19 @@ import textwrap
 import pytest
 import torch
 
-from conftest import extension_available, nan_filled_allocations
+from conftest import extension_available
 
 import fastseg
 import fastseg.ops.crf as crf_ops
 
-pytestmark = pytest.mark.skipif(
-    not (extension_available() and hasattr(torch.ops.fastseg, "ext_crf_mean_field")),
-    reason="fastseg._C is not built (or predates ext_crf_mean_field)")
+pytestmark = [
+    pytest.mark.skipif(not (extension_available() and hasattr(torch.ops.fastseg, "ext_crf_mean_field")),
+                       reason="fastseg._C is not built (or predates ext_crf_mean_field)"),
+    # the fused kernels allocate their outputs and buffers themselves: NaN-filled, so nothing unwritten passes
+    pytest.mark.usefixtures("nan_filled"),
+]
 
 DTYPES = (torch.float32, torch.float64)
-
-
-@pytest.fixture(autouse=True)
-def _nan_filled_allocations():
-    """The fused kernels allocate their outputs and buffers themselves: NaN-filled, so nothing unwritten passes."""
-    with nan_filled_allocations():
-        yield
 
 
 def _terms(B, spatial, dtype, normalization="symmetric", compat="potts", L=None, shared_gaussian=True, seed=0,

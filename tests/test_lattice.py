@@ -7,16 +7,12 @@ import pytest
 import torch
 
 import fastseg
-from conftest import NO_EXTENSION_REASON, extension_available, nan_filled_allocations
+from conftest import NO_EXTENSION_REASON, extension_available
 from fastseg.ops import lattice as L
 
-
-@pytest.fixture(autouse=True)
-def _nan_filled_allocations():
-    """The build and filter kernels allocate their tables and results themselves: NaN-filled (integers: their
-    largest value), so nothing unwritten passes."""
-    with nan_filled_allocations():
-        yield
+# The build and filter kernels allocate their tables and results themselves: NaN-filled (integers: their largest
+# value), so nothing unwritten passes.
+pytestmark = pytest.mark.usefixtures("nan_filled")
 
 BACKENDS = ("reference", "extension")
 
