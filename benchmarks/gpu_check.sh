@@ -150,7 +150,9 @@ other_test_files() {
 GPU_TEST_WORKERS=${GPU_TEST_WORKERS:-4}
 xdist_args() {
     "$PYTHON" -c 'import xdist, execnet' 2>/dev/null || return 0
-    if "$PYTHON" -m pytest --help 2>/dev/null | grep -q -- '--numprocesses'; then
+    # grep without -q reads the whole help: -q would exit at the first match, pytest would die of SIGPIPE, and
+    # pipefail would count that as no match.
+    if "$PYTHON" -m pytest --help 2>/dev/null | grep -- '--numprocesses' >/dev/null; then
         echo "-n $GPU_TEST_WORKERS"
     else # importable from device_deps but not installed: load the plugin by name
         echo "-p xdist.plugin -n $GPU_TEST_WORKERS"
