@@ -364,14 +364,18 @@ def test_split_k_heuristic(monkeypatch):
 
     def split(n, c, size, k, kernel, out_size, cuda=True):
         meta = lambda *shape: SimpleNamespace(shape=shape, is_cuda=cuda, device="cuda")  # noqa: E731
-        return conv_kernels.reduction_split(meta(n, c, size, size), meta(k, c, kernel, kernel),
-                                            meta(n, k, out_size, out_size))
+        weight = meta(k, c, kernel, kernel)
+        return conv_kernels.split_ranges(weight, conv_kernels.reduction_split(
+            meta(n, c, size, size), weight, meta(n, k, out_size, out_size)))
 
     assert split(8, 2048, 33, 256, 3, 33) == (3, 96 * 64)
-    assert split(8, 2048, 65, 256, 3, 65) == (1, 0)
-    assert split(8, 64, 33, 256, 3, 33) == (1, 0)  # 9 steps: too short to share
+    assert split(8, 2048, 65, 256, 3, 65)[0] == 1
+    assert split(8, 64, 33, 256, 3, 33)[0] == 1  # 9 steps: too short to share
     assert split(4, 1024, 30, 1024, 3, 28) == (2, 72 * 64)  # U-Net's 1024-channel layer
-    assert split(8, 2048, 33, 256, 3, 33, cuda=False) == (1, 0)
+    assert split(8, 2048, 33, 256, 3, 33, cuda=False)[0] == 1
+    # an explicit split: whole steps, no empty range (10 asked of 9 steps: 9; 4 of 9: 3 ranges of 3 steps)
+    assert conv_kernels.split_ranges(SimpleNamespace(shape=(6, 64, 3, 3)), 10) == (9, 64)
+    assert conv_kernels.split_ranges(SimpleNamespace(shape=(6, 64, 3, 3)), 4) == (3, 3 * 64)
 
 
 def test_autotune_pruning_keeps_the_tiles_that_fit():
@@ -960,7 +964,7 @@ def test_gpu_split_k_on_a_33x33_aspp_branch(one_autotune_config):
     scale, shift = torch.rand(256, device="cuda") + 0.5, torch.randn(256, device="cuda")
     out = torch.empty(8, 256, 33, 33, device="cuda", dtype=torch.bfloat16)
     if torch.cuda.get_device_properties(0).multi_processor_count >= 100:
-        assert conv_kernels.reduction_split(x, w, out)[0] > 1
+        assert conv_kernels.reduction_split(x, w, out) > 1
     with fastseg.backend("triton"):
         got = fastseg.fused_conv2d(x, w, None, 1, 12, 12, scale=scale, shift=shift, activation="relu")
     expected = _expected(x, w, None, scale, shift, None, 1, 12, 12, 1, "relu")

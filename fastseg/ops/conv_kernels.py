@@ -279,20 +279,30 @@ def _conv2d_depthwise_kernel(
               HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RESIDUAL, RELU)
 
 
-def reduction_split(x, weight, out) -> tuple[int, int]:
-    """(splits, reduction elements per split) of the implicit GEMM on this device: (1, 0) when the output tiles
-    fill the GPU by themselves or the reduction is too short to share."""
+def _reduction_steps(weight) -> int:
+    """The implicit GEMM's reduction in steps of _SPLIT_STEP_CHANNELS channels of one tap."""
+    _, C, KH, KW = weight.shape
+    return KH * KW * triton.cdiv(C, _SPLIT_STEP_CHANNELS)
+
+
+def reduction_split(x, weight, out) -> int:
+    """How many ranges the implicit GEMM's reduction is cut into on this device: 1 when the output tiles fill
+    the GPU by themselves or the reduction is too short to share."""
     if not x.is_cuda:
-        return 1, 0
-    K, C, KH, KW = weight.shape
+        return 1
+    K = weight.shape[0]
     M = out.shape[0] * out.shape[2] * out.shape[3]
     tiles = triton.cdiv(M, 128) * triton.cdiv(K, 128)  # at the largest configurations' tile size
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    steps = KH * KW * triton.cdiv(C, _SPLIT_STEP_CHANNELS)
-    splits = min(triton.cdiv(_SPLIT_PROGRAMS_PER_SM * sms, tiles), steps // _SPLIT_MIN_STEPS)
-    if splits <= 1:
-        return 1, 0
-    return splits, triton.cdiv(steps, splits) * _SPLIT_STEP_CHANNELS
+    return max(1, min(triton.cdiv(_SPLIT_PROGRAMS_PER_SM * sms, tiles), _reduction_steps(weight) // _SPLIT_MIN_STEPS))
+
+
+def split_ranges(weight, split: int) -> tuple[int, int]:
+    """(ranges, reduction elements per range) for cutting the reduction into at most `split` ranges of whole
+    steps: at most one range per step, none of them empty."""
+    steps = _reduction_steps(weight)
+    per_range = triton.cdiv(steps, min(max(split, 1), steps))
+    return triton.cdiv(steps, per_range), per_range * _SPLIT_STEP_CHANNELS
 
 
 def forward(x, weight, bias, scale, shift, residual, out, stride, padding, dilation, groups, relu, allow_tf32,
@@ -331,12 +341,7 @@ def forward(x, weight, bias, scale, shift, residual, out, stride, padding, dilat
         _conv2d_depthwise_kernel[grid](x, weight, out, *epilogue_args, N, C, H, W, K, OH, OW, K // C, *strides,
                                        **common, BLOCK_P=_DW_BLOCK_P, BLOCK_C=_DW_BLOCK_C, num_warps=_DW_WARPS)
         return
-    if split is None:
-        splits, split_channels = reduction_split(x, weight, out)
-    else:
-        steps = KH * KW * triton.cdiv(C, _SPLIT_STEP_CHANNELS)
-        split_channels = triton.cdiv(steps, min(max(split, 1), steps)) * _SPLIT_STEP_CHANNELS
-        splits = triton.cdiv(steps * _SPLIT_STEP_CHANNELS, split_channels)  # no empty range
+    splits, split_channels = split_ranges(weight, reduction_split(x, weight, out) if split is None else split)
     workspace = torch.empty((splits, M, K), dtype=torch.float32, device=x.device) if splits > 1 else dummy
     common.update(FP32_INPUTS=x.dtype == torch.float32, ALLOW_TF32=bool(allow_tf32) and x.dtype == torch.float32,
                   SPLIT=splits > 1)
