@@ -28,6 +28,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastseg
 from conftest import poison_, poisoned, skip_unless_backend
@@ -798,6 +799,133 @@ def test_conv_bn_act_eval_folds(backend):
     scale, shift = block.folded_scale_shift()
     torch.testing.assert_close(scale, bn.weight / torch.sqrt(bn.running_var + bn.eps))
     torch.testing.assert_close(shift, bn.bias - bn.running_mean * scale)
+
+
+class _DispatchedOps(TorchDispatchMode):
+    """The names of the operators a block of code dispatches (a custom op counts once: what it runs inside is
+    not seen)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _eager_conv_bn_relu(conv, bn, x, residual=None):
+    """nn.Conv2d -> nn.BatchNorm2d (eval) -> (+ residual) -> ReLU, in float64: the modules' function."""
+    y = F.conv2d(x.double(), conv.weight.double(), None if conv.bias is None else conv.bias.double(), conv.stride,
+                 conv.padding, conv.dilation, conv.groups)
+    y = F.batch_norm(y, bn.running_mean.double(), bn.running_var.double(),
+                     None if bn.weight is None else bn.weight.double(), None if bn.bias is None else bn.bias.double(),
+                     False, 0.0, bn.eps)
+    return torch.relu(y if residual is None else y + residual.double())
+
+
+@pytest.mark.parametrize("backend", CONV_BACKENDS)
+@pytest.mark.parametrize("groups", [1, 3], ids=["dense", "depthwise"])
+def test_conv_bn_act_inference_folds_once_and_follows_edits(backend, groups):
+    """Under no_grad the BatchNorm is folded into a kept copy of the weight and bias: the same copy while nothing
+    changes; every kind of change to any of the six tensors (in place, replaced, moved to another dtype, a
+    checkpoint loaded, eps) gives the eager modules' new result on the next call."""
+    skip_unless_backend(backend)
+    conv = nn.Conv2d(3, 6 if groups == 1 else 3, 3, padding=2, dilation=2, groups=groups)
+    bn = nn.BatchNorm2d(conv.out_channels)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    block = fastseg.nn.ConvBNAct.from_modules(conv, bn, nn.ReLU()).eval()
+    x = torch.randn(2, 3, 9, 7)
+
+    def check(what, residual=None):
+        with torch.no_grad(), fastseg.backend(backend):
+            got = block(x.to(conv.weight.dtype), residual)
+        expected = _eager_conv_bn_relu(conv, bn, x, residual)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{what}: {m}")
+
+    check("first call")
+    with torch.no_grad():
+        kept = block.folded_weights()
+        assert block.folded_weights()[0] is kept[0] and block.folded_weights()[1] is kept[1]
+        with _DispatchedOps() as ops, fastseg.backend(backend):
+            block(x)
+    assert ops.names == ["fastseg.fused_conv2d.default"], f"a kept fold should leave the op alone: {ops.names}"
+    check("residual", torch.randn(2, conv.out_channels, 9, 7))
+    with torch.no_grad():
+        for name, tensor in [("conv.weight", conv.weight), ("conv.bias", conv.bias), ("bn.weight", bn.weight),
+                             ("bn.bias", bn.bias), ("bn.running_mean", bn.running_mean),
+                             ("bn.running_var", bn.running_var)]:
+            tensor.mul_(1.5).add_(0.25)
+            check(f"{name} edited in place")
+    bn.weight = nn.Parameter(torch.rand(conv.out_channels) + 0.5)
+    check("bn.weight replaced")
+    bn.eps = 0.5
+    check("eps changed")
+    block.load_state_dict({k: v + 0.125 if v.is_floating_point() else v for k, v in block.state_dict().items()})
+    check("checkpoint loaded")
+    block.double()
+    check("moved to float64")
+    with torch.no_grad():
+        assert block.folded_weights()[0].dtype == torch.float64
+
+
+def test_conv_bn_act_folded_weights_keep_layout_and_round_once():
+    conv, bn = _bn_block()
+    conv = conv.to(memory_format=torch.channels_last)
+    block = fastseg.nn.ConvBNAct.from_modules(conv, bn, nn.ReLU()).eval()
+    with torch.no_grad():
+        weight, bias = block.folded_weights()
+        scale, shift = block.folded_scale_shift()
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    torch.testing.assert_close(weight, conv.weight * scale.view(-1, 1, 1, 1))
+    torch.testing.assert_close(bias, conv.bias * scale + shift)
+    half = fastseg.nn.ConvBNAct.from_modules(*_bn_block(dtype=torch.bfloat16), nn.ReLU()).eval()
+    with torch.no_grad():
+        weight, bias = half.folded_weights()
+        scale, shift = half.folded_scale_shift()
+    # computed in float32 from the bfloat16 parameters, rounded once
+    assert weight.dtype == bias.dtype == torch.bfloat16
+    assert torch.equal(weight, (half.conv.weight.float() * scale.view(-1, 1, 1, 1)).bfloat16())
+    assert torch.equal(bias, (half.conv.bias.float() * scale + shift).bfloat16())
+
+
+@pytest.mark.parametrize("backend", CONV_BACKENDS)
+def test_conv_bn_act_eval_with_autograd_trains_the_batchnorm(backend):
+    """Eval mode with autograd on (fine-tuning the affine of a frozen BatchNorm): no kept weights, and gradients
+    reach the BatchNorm's parameters and the convolution's, as through the eager modules."""
+    skip_unless_backend(backend)
+    conv, bn = _bn_block(dtype=torch.float64)
+    block = fastseg.nn.ConvBNAct.from_modules(conv, bn, nn.ReLU()).eval()
+    torch_block = copy.deepcopy(nn.Sequential(conv, bn, nn.ReLU())).eval()
+    x = torch.randn(2, 3, 9, 7, dtype=torch.float64)
+    with fastseg.backend(backend):
+        block(x).square().sum().backward()
+    torch_block(x).square().sum().backward()
+    assert block._folded is None
+    for a, b in zip(block.parameters(), torch_block.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-9)
+
+
+def test_conv_bn_act_inference_mode_and_pickling(tmp_path):
+    conv, bn = _bn_block()
+    block = fastseg.nn.ConvBNAct.from_modules(conv, bn, nn.ReLU()).eval()
+    x = torch.randn(1, 3, 8, 8)
+    expected = _eager_conv_bn_relu(conv, bn, x)
+    with torch.inference_mode():
+        torch.testing.assert_close(block(x).double(), expected, rtol=1e-5, atol=1e-5)
+    # weights folded in inference mode are inference tensors: not reused outside it
+    with torch.no_grad():
+        assert not block.folded_weights()[0].is_inference()
+        torch.testing.assert_close(block(x).double(), expected, rtol=1e-5, atol=1e-5)
+    torch.save(block, tmp_path / "block.pt")
+    loaded = torch.load(tmp_path / "block.pt", weights_only=False)
+    assert loaded._folded is None
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).double(), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", CONV_BACKENDS)
