@@ -144,18 +144,15 @@ other_test_files() {
     done
 }
 
-# pytest-xdist, where the device has it or device_deps carries it: the GPU tests in GPU_TEST_WORKERS processes
-# (their time goes mostly to Triton compilations, which are CPU-bound; each process has its own CUDA context, so
-# a fault in one worker fails its tests, not the others').
+# pytest-xdist, where the device has it (its image does): the GPU tests in GPU_TEST_WORKERS processes (their
+# time goes mostly to Triton compilations, which are CPU-bound; each process has its own CUDA context, so a
+# fault in one worker fails its tests, not the others').
 GPU_TEST_WORKERS=${GPU_TEST_WORKERS:-4}
 xdist_args() {
-    "$PYTHON" -c 'import xdist, execnet' 2>/dev/null || return 0
     # grep without -q reads the whole help: -q would exit at the first match, pytest would die of SIGPIPE, and
     # pipefail would count that as no match.
     if "$PYTHON" -m pytest --help 2>/dev/null | grep -- '--numprocesses' >/dev/null; then
         echo "-n $GPU_TEST_WORKERS"
-    else # importable from device_deps but not installed: load the plugin by name
-        echo "-p xdist.plugin -n $GPU_TEST_WORKERS"
     fi
 }
 
