@@ -83,6 +83,11 @@ QUICK = {"aspp d12", "deeplab-v1 fc6", "resnet layer3", "unet 512"}
 # family (the first of each name here), eager for all.
 COMPILED_SET = {"aspp d12", "deeplab-v1 fc6", "resnet layer3", "resnet layer4", "unet 256"}
 TRAIN = {"aspp d12", "resnet layer3", "unet 128"}
+# The rows issue 4's targets are judged on first (a GPU run's budget keeps them): bfloat16 channels_last against
+# eager, one shape per family: an ASPP branch at 65x65 and at 33x33 (split-K), fc6, the dilated layer4, a U-Net
+# layer. About 5 s each (the first call compiles and autotunes).
+TARGETS = {ASPP[0], ASPP[3], FC6[0], RESNET[1], UNET[2]}
+TARGET_DTYPE = torch.bfloat16
 # CPU smoke set: small enough for `python -m fastseg bench` to stay fast.
 CPU_SHAPES = (ConvShape("aspp-like d6", 1, 64, 32, 17, dilation=6),
               ConvShape("unet-like", 1, 32, 32, 30, padding=0))
@@ -108,10 +113,12 @@ def cases(device: torch.device, dtypes: Sequence[torch.dtype], quick: bool) -> l
                     layout_shapes = _first_of_each(layout_shapes, COMPILED_SET)
                 for shape in layout_shapes:
                     label = shape.label() + (", vs torch.compile" if reference == COMPILED else "")
+                    target = (shape in TARGETS and dtype == TARGET_DTYPE and layout == "channels_last"
+                              and reference == EAGER)
                     found.append(Case(op="fused_conv2d", case=label, dtype=dtype, layout=layout,
                                       pass_="forward", reference=reference,
                                       setup=functools.partial(conv_workload, shape, dtype, layout, device,
-                                                              reference, False)))
+                                                              reference, False), target=target))
         for shape in train:
             found.append(Case(op="fused_conv2d", case=shape.label() + ", training", dtype=dtype,
                               layout="channels_last", pass_="train_step", reference=EAGER,
