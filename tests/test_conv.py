@@ -237,22 +237,68 @@ def test_auto_dispatch():
         assert _backend.select("fused_conv2d", torch.device("cuda")) == "triton"
 
 
+@pytest.mark.parametrize("epilogue_pass", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[_case_ids(c) for c in CASES])
-def test_folded_cudnn_path_matches_the_specification(dtype, layout, index):
+def test_folded_cudnn_path_matches_the_specification(dtype, layout, index, epilogue_pass, monkeypatch):
     """"auto"'s cuDNN candidate (the affine folded into weights and bias), through F.conv2d on the CPU: every
-    case, every epilogue in turn (the fused cudnn_convolution_(add_)relu candidate is CUDA-only: GPU tests)."""
+    case, every epilogue in turn, its bias, residual and ReLU in one Triton pass (as on CUDA) or, where Triton
+    cannot run, in torch's in-place ops (the fused cudnn_convolution_(add_)relu candidate is CUDA-only: GPU
+    tests)."""
     from fastseg.ops import conv as conv_ops
 
     x, w, bias, kw, (s, p, d, g), reduction = _make(CASES[index], dtype, layout, EPILOGUE_NAMES[index % 7])
     s2, d2 = conv_ops._pair(s, "stride"), conv_ops._pair(d, "dilation")
     padding4 = conv_ops._resolve_padding(p, tuple(w.shape[2:]), s2, d2)
+    launches = []
+    if epilogue_pass == "triton":
+        skip_unless_backend("triton")
+        from fastseg.ops import conv_kernels
+
+        pass_ = conv_kernels.bias_residual_relu_
+        monkeypatch.setattr(conv_kernels, "bias_residual_relu_", lambda *a: launches.append(1) or pass_(*a))
+    else:
+        monkeypatch.setattr(_backend, "triton_interpreting", lambda: False)
     got = conv_ops.folded_conv2d(x, w, bias, kw["scale"], kw["shift"], kw["residual"], s2, padding4, d2, g,
                                  kw["activation"])
     expected = _expected(x, w, bias, kw["scale"], kw["shift"], kw["residual"], s, p, d, g, kw["activation"])
     _assert_close(got, expected, dtype, reduction)
     assert got.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last" and x.shape[1] > 1)
+    has_epilogue = bias is not None or any(kw[k] is not None for k in ("scale", "shift", "residual", "activation"))
+    one_pass = has_epilogue and got.is_contiguous(memory_format=torch.channels_last)  # NCHW: torch's passes
+    assert len(launches) == (epilogue_pass == "triton" and one_pass)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("parts", ["bias", "residual", "relu", "all"])
+@pytest.mark.parametrize("residual_layout", LAYOUTS)
+@pytest.mark.parametrize("y_layout", ["nchw", "channels_last", "strided"])
+def test_bias_residual_relu_pass_in_place(y_layout, residual_layout, parts, dtype):
+    """The epilogue kernel over a finished convolution output, in place, at any strides (folded_conv2d gives it
+    channels_last outputs; the kernel takes any): more pixels and channels than one 64x64 tile; a strided
+    output's gaps (poisoned) stay untouched."""
+    skip_unless_backend("triton")
+    from fastseg.ops import conv_kernels
+
+    shape = (2, 70, 5, 9)
+    y = poisoned(shape, dtype, layout=y_layout)
+    values = torch.randn(shape, dtype=dtype)
+    y.copy_(values)
+    bias = torch.randn(shape[1], dtype=dtype) if parts in ("bias", "all") else None
+    residual = _layout(torch.randn(shape, dtype=dtype), residual_layout) if parts in ("residual", "all") else None
+    relu = parts in ("relu", "all")
+    conv_kernels.bias_residual_relu_(y, bias, residual, relu)
+    expected = values.float()  # the kernel's arithmetic: float32, in this order, rounded once to dtype
+    if bias is not None:
+        expected = expected + bias.float().view(1, -1, 1, 1)
+    if residual is not None:
+        expected = expected + residual.float()
+    if relu:
+        expected = torch.relu(expected)
+    torch.testing.assert_close(y, expected.to(dtype), rtol=0, atol=0)
+    if y_layout == "strided":
+        assert y._base[..., 0::2].isnan().all(), "the pass wrote outside its output"
 
 
 def test_cudnn_fusion_refuses_what_it_cannot_fuse():

@@ -81,8 +81,10 @@ COMPILE_SCRIPT = textwrap.dedent(r'''
                          res_ptr="*fp32"),
                     dict(epilogue, SPLIT=False, FP32_INPUTS=True, ALLOW_TF32=True, INDEX_64=False,
                          BLOCK_M=64, BLOCK_N=64, BLOCK_K=32))
-    variants(ck._splitk_epilogue_kernel, "conv split-K epilogue", conv_pointers,
+    variants(ck._epilogue_kernel, "conv epilogue (split-K sum)", conv_pointers,
              dict(epilogue, INDEX_64=False, BLOCK_M=64, BLOCK_N=64), [dict(INDEX_64=True)])
+    compile_variant(ck._epilogue_kernel, "conv epilogue (cuDNN's output, in place)", dict(conv_pointers, ws_ptr=HALF),
+                    dict(epilogue, HAS_SCALE=False, HAS_SHIFT=False, INDEX_64=False, BLOCK_M=64, BLOCK_N=64))
     window = dict(KH=3, KW=3, SH=1, SW=1, PH=2, PW=2, DH=2, DW=2)
     variants(ck._conv2d_depthwise_kernel, "conv depthwise", conv_pointers,
              dict(window, **epilogue, INDEX_64=False, BLOCK_P=64, BLOCK_C=32), [dict(INDEX_64=True)])

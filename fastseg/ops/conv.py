@@ -252,7 +252,8 @@ def folded_conv2d(x: Tensor, weight: Tensor, bias, scale, shift, residual, strid
                   activation, *, cudnn_fusion: bool = False) -> Tensor:
     """The fused op through torch's convolution (cuDNN on CUDA), the affine folded into the weights and bias
     (weight * scale and bias * scale + shift, computed in float32 or wider and rounded once to x's dtype):
-    F.conv2d, then the residual and the ReLU in place. With ``cudnn_fusion`` (CUDA tensors and an epilogue
+    F.conv2d without bias, then bias, residual and ReLU in place: in one pass of a Triton kernel for a
+    channels_last output (on CUDA, or CPU tensors under Triton's interpreter), else torch's ops, a pass each. With ``cudnn_fusion`` (CUDA tensors and an epilogue
     ending in a ReLU; anything else raises) cuDNN's fused convolution + bias (+ residual) + ReLU instead
     (torch.cudnn_convolution_relu / cudnn_convolution_add_relu): one call, but its kernels can be many times
     slower than the plain convolution's (pytorch#68506: channels_last, 7x7), so "auto" times both. The result has
@@ -281,11 +282,20 @@ def folded_conv2d(x: Tensor, weight: Tensor, bias, scale, shift, residual, strid
         else:
             y = torch.cudnn_convolution_add_relu(x, weight, residual, 1.0, bias, stride, padding, dilation, groups)
     else:
-        y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-        if residual is not None:
-            y = y.add_(residual)
-        if activation == "relu":
-            y = y.relu_()
+        # torch adds a convolution's bias in a pass of its own (cuDNN's convolution takes none), then the residual
+        # and the ReLU in one pass each. One Triton pass over a channels_last output does all three, with 16-byte
+        # accesses (an NCHW one would be read 2 bytes at a time: torch's passes stay there).
+        y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+        if ((x.is_cuda or _backend.triton_interpreting()) and y.is_contiguous(memory_format=torch.channels_last)
+                and (bias is not None or residual is not None or activation == "relu")):
+            _triton_kernels().bias_residual_relu_(y, bias, residual, activation == "relu")
+        else:
+            if bias is not None:
+                y = y.add_(bias.view(1, -1, 1, 1))
+            if residual is not None:
+                y = y.add_(residual)
+            if activation == "relu":
+                y = y.relu_()
     return y.contiguous(memory_format=memory_format)
 
 

@@ -1,6 +1,6 @@
 """Triton kernels for the fused convolution: conv2d + bias + per-channel affine + residual + ReLU, one kernel.
 
-Two kernels, both writing into an output they are given (see ``forward``):
+Three kernels, each writing into an output it is given (see ``forward``):
 
 - ``_conv2d_igemm_kernel`` (groups == 1): an implicit GEMM. Rows M = N*OH*OW (output pixels), columns
   Cout, reduction K = KH*KW*Cin. A program owns a ``BLOCK_M x BLOCK_N`` output tile; it walks the taps (r, s)
@@ -11,10 +11,12 @@ Two kernels, both writing into an output they are given (see ``forward``):
   Split-K: when the output tiles alone would leave SMs idle (a 33x33 ASPP branch at batch 8: 138 tiles of
   128x128 on an H100's 132 SMs, each 576 reduction steps long), the (tap, channel block) steps are cut into
   ``split`` contiguous ranges (grid axis 2); each program writes its float32 partial sum to its slice of a
-  workspace, and ``_splitk_epilogue_kernel`` sums the slices in a fixed order (deterministic, no atomics) and
+  workspace, and ``_epilogue_kernel`` sums the slices in a fixed order (deterministic, no atomics) and
   applies the epilogue.
 - ``_conv2d_depthwise_kernel`` (groups == Cin, Cout = multiplier*Cin): per-element multiply-accumulate in
   float32 over the taps, the same epilogue. No reduction over channels, so no ``tl.dot``.
+- ``_epilogue_kernel``: the epilogue alone, over partial results at any strides: split-K's sum, and the output of
+  a convolution run by cuDNN (``bias_residual_relu_``, in place: one pass where torch takes one per term).
 
 Every tensor is addressed through its four strides, so NCHW, channels_last and other layouts all work; the
 caller picks the output's memory format. Offsets are int32 unless some tensor's largest offset reaches 2**31
@@ -62,9 +64,9 @@ INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16}
 _SPLIT_PROGRAMS_PER_SM = 3
 _SPLIT_MIN_STEPS = 32
 _SPLIT_STEP_CHANNELS = 64
-# The split epilogue's tile: pixels x output channels.
-_SPLIT_BLOCK_M = 64
-_SPLIT_BLOCK_N = 64
+# The epilogue kernel's tile: pixels x output channels.
+_EPILOGUE_BLOCK_M = 64
+_EPILOGUE_BLOCK_N = 64
 # The problem: sizes, window, precision, and x's channel stride (1 for channels_last: the layout).
 _AUTOTUNE_KEY = ["N", "C", "H", "W", "K", "OH", "OW", "KH", "KW", "SH", "SW", "DH", "DW", "FP32_INPUTS",
                  "ALLOW_TF32", "sxc"]
@@ -207,30 +209,31 @@ _conv2d_igemm_tuned = triton.autotune(configs=CONFIGS, key=_AUTOTUNE_KEY + ["SPL
 
 
 @triton.jit(do_not_specialize=["SPLIT_STRIDE"])
-def _splitk_epilogue_kernel(
+def _epilogue_kernel(
     ws_ptr, out_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr,
     K, OH, OW, M, SPLITS, SPLIT_STRIDE,
+    swn, swc, swh, sww,
     son, soc, soh, sow,
     srn, src, srh, srw,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """out = epilogue(sum over s of ws[s]) for the split-K partial sums ws [SPLITS, M, K] (float32; SPLIT_STRIDE
-    = M * K, passed in: a product of scalar arguments could overflow int32), summed in order s = 0, 1, ...
-    (deterministic)."""
+    """out = epilogue(sum over s of ws[s]) for SPLITS partial results ws[s] of shape (N, K, OH, OW) at strides
+    (swn, swc, swh, sww), SPLIT_STRIDE elements apart (passed in: a product of scalar arguments could overflow
+    int32), summed in float32 in order s = 0, 1, ... (deterministic). Two uses: the split-K partial sums (a float32
+    workspace [SPLITS, M, K], row-major), and a convolution's output from cuDNN (one "split", in place: out is ws;
+    each program reads its whole tile before it writes it)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
     n, oh, ow = _pixel_coords(offs_m, OH, OW, INDEX_64)
     co = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     co_ok = co < K
-    if INDEX_64:
-        offs_m = offs_m.to(tl.int64)
-    ws = ws_ptr + offs_m[:, None] * K + co[None, :]
+    ws = ws_ptr + (n * swn + oh * swh + ow * sww)[:, None] + co[None, :] * swc
     mask = m_ok[:, None] & co_ok[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for _ in range(SPLITS):
-        acc += tl.load(ws, mask=mask, other=0.0)
+        acc += tl.load(ws, mask=mask, other=0.0).to(tl.float32)
         ws += SPLIT_STRIDE
     _epilogue(acc, co, co_ok, n * son + oh * soh + ow * sow, m_ok, out_ptr, soc,
               bias_ptr, scale_ptr, shift_ptr, res_ptr, n * srn + oh * srh + ow * srw, src,
@@ -360,11 +363,32 @@ def forward(x, weight, bias, scale, shift, residual, out, stride, padding, dilat
             return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_N"]), splits)
 
         _conv2d_igemm_tuned[grid](*args, SPLIT_CHANNELS=split_channels, **common)
-    if splits > 1:
-        grid = (triton.cdiv(M, _SPLIT_BLOCK_M), triton.cdiv(K, _SPLIT_BLOCK_N))
-        _splitk_epilogue_kernel[grid](workspace, out, *epilogue_args, K, OH, OW, M, splits, M * K, *out.stride(),
-                                      *res.stride(), INDEX_64=common["INDEX_64"], **epilogue,
-                                      BLOCK_M=_SPLIT_BLOCK_M, BLOCK_N=_SPLIT_BLOCK_N)
+    if splits > 1:  # the workspace [splits, M, K] row-major: (n, k, oh, ow) at n*OH*OW*K + (oh*OW + ow)*K + k
+        _launch_epilogue(workspace, (OH * OW * K, 1, OW * K, K), splits, M * K, out, epilogue_args,
+                         common["INDEX_64"], epilogue)
+
+
+def _launch_epilogue(ws, ws_strides, splits, split_stride, out, epilogue_args, index_64, epilogue) -> None:
+    N, K, OH, OW = out.shape
+    M = N * OH * OW
+    grid = (triton.cdiv(M, _EPILOGUE_BLOCK_M), triton.cdiv(K, _EPILOGUE_BLOCK_N))
+    _epilogue_kernel[grid](ws, out, *epilogue_args, K, OH, OW, M, splits, split_stride, *ws_strides, *out.stride(),
+                           *epilogue_args[3].stride(), INDEX_64=index_64, **epilogue,
+                           BLOCK_M=_EPILOGUE_BLOCK_M, BLOCK_N=_EPILOGUE_BLOCK_N)
+
+
+def bias_residual_relu_(y, bias, residual, relu) -> None:
+    """y = act(y + bias + residual) in place, one pass (float32 arithmetic, rounded once): the epilogue of a
+    convolution computed elsewhere (cuDNN's, in ops.conv.folded_conv2d), where torch would add the bias, the
+    residual and apply the ReLU in a pass each. y (N, K, OH, OW) in any layout; bias (K,) and residual (y's
+    shape) optional."""
+    if y.numel() == 0:
+        return
+    res = residual if residual is not None else y
+    epilogue = dict(HAS_BIAS=bias is not None, HAS_SCALE=False, HAS_SHIFT=False, HAS_RESIDUAL=residual is not None,
+                    RELU=bool(relu))
+    _launch_epilogue(y, y.stride(), 1, 0, y, (bias if bias is not None else y, y, y, res), needs_int64(y, res),
+                     epilogue)
 
 
 def config_kwargs(config: triton.Config) -> dict:
