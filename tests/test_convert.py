@@ -395,6 +395,20 @@ def test_compile_fullgraph():
         torch.testing.assert_close(p.grad, params[name].grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_compile_fullgraph_inference():
+    """Eval mode under no_grad, where eager calls reuse weights folded ahead: traced, the fold is part of the
+    graph instead (no graph break on the kept copy), with the same outputs."""
+    original = randomized(MiniResNet()).eval()
+    optimized = optimize(original)
+    x = torch.randn(2, 3, 16, 12)
+    with torch.no_grad():
+        expected = original(x)
+        eager = optimized(x)  # keeps the folded weights
+        compiled = torch.compile(optimized, fullgraph=True, backend="aot_eager")
+        assert_outputs_close(compiled(x), expected)
+    assert_outputs_close(eager, expected)
+
+
 def test_optimized_model_pickles_and_deep_copies():
     optimized = optimize(randomized(MiniResNet())).eval()
     buffer = io.BytesIO()
