@@ -330,7 +330,7 @@ def _mean_ms(fn) -> float:
 
 def _auto_impl(x, weight, bias, scale, shift, residual, stride, padding4, dilation, groups, activation) -> str:
     """The implementation "auto" runs on CUDA: the one timed fastest for this problem. A candidate that raises
-    (e.g. a cuDNN fusion this dtype lacks) drops out with a warning; under CUDA-graph capture, where nothing can
+    (e.g. a cuDNN fusion this dtype lacks, a Triton kernel that does not compile) drops out with a warning; under CUDA-graph capture, where nothing can
     be timed (or compiled), an untimed problem runs on cuDNN."""
     key = _problem_key(x, weight, bias, scale, shift, residual, stride, padding4, dilation, groups, activation)
     choice = _auto_choices.get(key)
@@ -350,7 +350,7 @@ def _auto_impl(x, weight, bias, scale, shift, residual, stride, padding4, dilati
     for name, run in candidates.items():
         try:
             times[name] = _mean_ms(run)
-        except RuntimeError as error:
+        except Exception as error:  # noqa: BLE001 (a Triton compilation error is no RuntimeError): it drops out
             errors[name] = error
     if not times:
         raise errors["triton"]
