@@ -44,6 +44,11 @@ INFO_LIMIT_S=${INFO_LIMIT_S:-60}
 CUDA_TESTS_LIMIT_S=${CUDA_TESTS_LIMIT_S:-80} # the compiled CUDA kernels' tests (lattice, CRF)
 TESTS_LIMIT_S=${TESTS_LIMIT_S:-90}           # every other GPU test
 BENCH_LIMIT_S=${BENCH_LIMIT_S:-175}
+# The whole script's deadline (the device call's timeout_s is 560): the bench's limit and budget shrink to what
+# the earlier steps left, so that a slow step costs bench rows, not the results file and the summary.
+TOTAL_LIMIT_S=${TOTAL_LIMIT_S:-540}
+SUMMARY_RESERVE_S=25 # the summary, after the bench's SIGINT and its results file
+BENCH_WRAP_UP_S=40   # from the budget's end to the limit: the case in flight, the table, the file and the plots
 # The benchmark starts no case after this many seconds; the cases left become 'skipped' rows.
 BENCH_BUDGET_S=${BENCH_BUDGET_S:-135}
 # Groups in order of what a run most needs measured: the CUDA dense CRF (its build and mean field are the
@@ -188,8 +193,16 @@ run_benchmark() {
         [[ -f $junit ]] && tests_args+=("$junit")
     done
     ((${#tests_args[@]} == 0)) || tests_args=(--tests-junit "${tests_args[@]}")
-    timeout --signal=INT --kill-after=30 "$BENCH_LIMIT_S" \
-        "$PYTHON" -m fastseg bench --ops "${BENCH_GROUPS[@]}" --budget-s "$BENCH_BUDGET_S" --commit "$COMMIT" \
+    local limit=$BENCH_LIMIT_S budget=$BENCH_BUDGET_S left=$((TOTAL_LIMIT_S - SECONDS - SUMMARY_RESERVE_S))
+    if ((left < limit)); then # at least the target rows' worth, even late
+        limit=$((left > 2 * BENCH_WRAP_UP_S ? left : 2 * BENCH_WRAP_UP_S))
+    fi
+    if ((limit - BENCH_WRAP_UP_S < budget)); then
+        budget=$((limit - BENCH_WRAP_UP_S))
+    fi
+    echo "bench: limit ${limit}s, budget ${budget}s (${SECONDS}s of the script's ${TOTAL_LIMIT_S}s spent)"
+    timeout --signal=INT --kill-after=15 "$limit" \
+        "$PYTHON" -m fastseg bench --ops "${BENCH_GROUPS[@]}" --budget-s "$budget" --commit "$COMMIT" \
         --json "$RESULTS_STEM.json" --plot "$RESULTS_STEM.png" "${tests_args[@]}"
 }
 
