@@ -1098,6 +1098,30 @@ def test_gpu_auto_times_and_both_candidates_match(one_autotune_config, monkeypat
 
 
 @pytest.mark.gpu
+def test_gpu_cuda_graph_of_a_first_call(monkeypatch):
+    """A CUDA graph captured around a conv-BN-ReLU block's very first call (nothing timed or compiled for the
+    problem yet: "auto" runs cuDNN and torch's passes, the fold inside the graph) replays the eager result for new
+    input; afterwards eager calls time the problem as usual."""
+    from fastseg.ops import conv as conv_ops
+
+    monkeypatch.setattr(conv_ops, "_auto_choices", {})
+    conv, bn = _bn_block()
+    block = fastseg.nn.ConvBNAct.from_modules(conv, bn, nn.ReLU()).cuda().eval()
+    torch_block = nn.Sequential(copy.deepcopy(conv), copy.deepcopy(bn), nn.ReLU()).cuda().eval()
+    x = torch.randn(2, 3, 33, 33, device="cuda").contiguous(memory_format=torch.channels_last)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad():
+        torch_block(x)  # cuDNN's handle and workspace exist before the capture, as in any program that ran a layer
+        with torch.cuda.graph(graph):
+            captured = block(x)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.testing.assert_close(captured, torch_block(x), rtol=1e-4, atol=1e-4)
+        assert not conv_ops.auto_choices(), "nothing is timed during a capture"
+        torch.testing.assert_close(block(x), torch_block(x), rtol=1e-4, atol=1e-4)  # eager: timed now
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_every_autotune_config(dtype):
     from fastseg.ops import conv_kernels

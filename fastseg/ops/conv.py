@@ -284,9 +284,11 @@ def folded_conv2d(x: Tensor, weight: Tensor, bias, scale, shift, residual, strid
     else:
         # torch adds a convolution's bias in a pass of its own (cuDNN's convolution takes none), then the residual
         # and the ReLU in one pass each. One Triton pass over a channels_last output does all three, with 16-byte
-        # accesses (an NCHW one would be read 2 bytes at a time: torch's passes stay there).
+        # accesses (an NCHW one would be read 2 bytes at a time: torch's passes stay there). Not while a CUDA graph
+        # is captured: "auto" runs untimed problems here then, and the pass could be compiling for the first time.
         y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-        if ((x.is_cuda or _backend.triton_interpreting()) and y.is_contiguous(memory_format=torch.channels_last)
+        triton_pass = (x.is_cuda and not torch.cuda.is_current_stream_capturing()) or _backend.triton_interpreting()
+        if (triton_pass and y.is_contiguous(memory_format=torch.channels_last)
                 and (bias is not None or residual is not None or activation == "relu")):
             _triton_kernels().bias_residual_relu_(y, bias, residual, activation == "relu")
         else:
