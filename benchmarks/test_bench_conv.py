@@ -7,6 +7,12 @@ Host-clock timings (on CUDA each call ends with a synchronize); the figures to q
 `python -m fastseg bench --ops conv`, which also times torch.compile(mode="max-autotune") and reports TFLOP/s.
 """
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -33,3 +39,41 @@ def test_fused_conv2d(benchmark, shape, layout, implementation):
     result = run_benchmark(benchmark, fn, DEVICE)
     if implementation == "fastseg":
         workload.check(workload.reference(), result)
+
+
+TRITON_TRAIN_STEP = r"""
+import json, torch
+from fastseg.bench import conv
+from fastseg.ops import conv_backward_kernels, conv_kernels
+
+calls = []
+for module, name in ((conv_kernels, "forward"), (conv_backward_kernels, "input_grad"),
+                     (conv_backward_kernels, "weight_grad")):
+    kernel = getattr(module, name)
+    setattr(module, name, lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw))
+shape = conv.ConvShape("tiny", 1, 8, 8, 9, dilation=2)
+results = {}
+for backend in ("auto", "triton"):
+    calls.clear()
+    workload = conv.conv_workload(shape, torch.float32, "channels_last", torch.device("cpu"), conv.EAGER, True, backend)
+    note = workload.check(workload.reference(), workload.fastseg())
+    results[backend] = {"calls": sorted(set(calls)), "note": note}
+print(json.dumps(results))
+"""
+
+
+def test_training_rows_run_the_triton_backward_under_its_backend(tmp_path):
+    """The ", Triton backward" training rows time the Triton forward and backward kernels, the plain training rows
+    "auto"'s (on the CPU: the reference, torch's backward); both check against eager. Run in a child process
+    under Triton's interpreter (this folder's tests run without it)."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(conv.__file__).parents[2]), env.get("PYTHONPATH")]))
+    script = tmp_path / "train_step.py"
+    script.write_text(TRITON_TRAIN_STEP)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert results["triton"]["calls"] == ["forward", "input_grad", "weight_grad"], results
+    assert results["auto"]["calls"] == [], results
+    assert all(r["note"].startswith("max rel diff") for r in results.values()), results

@@ -57,22 +57,24 @@ def test_gpu_case_list_has_the_networks_and_compile_rows():
 def test_gpu_target_rows_run_first():
     """A GPU run cut by its --budget-s keeps the rows the issues' targets are judged on: the CRF's volume and
     512x512 rows, U-Net float16 inference against eager, the DeepLab + CRF pipeline, DeepLab-v3 float16 inference,
-    then five bfloat16 channels_last convolutions against eager (the case list is built without a GPU: the cases
-    are lazy)."""
+    then five bfloat16 channels_last convolutions against eager and a training step with the Triton backward
+    kernels (the case list is built without a GPU: the cases are lazy)."""
     found = bench.collect_cases(["crf", "models", "max_pool", "conv"], torch.device("cuda"),  # gpu_check's order
                                 [torch.bfloat16, torch.float16, torch.float32], False, "")
     targets = [case for case in found if case.target]
     assert found[:len(targets)] == targets
     labels = [case.label for case in targets]
-    assert len(labels) == 10 and labels[0].startswith("dense_crf | 256x256x128") and "512x512 rgb, 21 labels" in labels[1]
+    assert len(labels) == 11 and labels[0].startswith("dense_crf | 256x256x128") and "512x512 rgb, 21 labels" in labels[1]
     assert [label.split(" ")[2] for label in labels[2:5]] == ["unet", "deeplab_v1_largefov", "deeplabv3_resnet50"]
     assert all("| float16 | channels_last | forward" in labels[i] for i in (2, 4))
     assert "+ dense CRF" in labels[3]
-    convolutions = [label.split(" | ")[1] for label in labels[5:]]
+    convolutions = [label.split(" | ")[1] for label in labels[5:10]]
     assert [name.split(" ")[0] for name in convolutions] == ["aspp", "aspp", "deeplab-v1", "resnet", "unet"]
     assert "8x2048x65x65" in convolutions[0] and "8x2048x33x33" in convolutions[1]
     assert all(label.startswith("fused_conv2d") and "| bfloat16 | channels_last | forward" in label
-               and "torch.compile" not in label for label in labels[5:])
+               and "torch.compile" not in label for label in labels[5:10])
+    assert labels[10].startswith("fused_conv2d | aspp d12 8x2048x65x65") and ", Triton backward |" in labels[10]
+    assert labels[10].endswith("| bfloat16 | channels_last | train_step")
     assert not any(case.target for case in bench.collect_cases(list(bench.OP_GROUPS), torch.device("cpu"),
                                                                [torch.float32], False, ""))
 

@@ -11,8 +11,9 @@ Passes:
   fastseg.nn.ConvBNAct in eval mode (the BatchNorm folded into the kernel: one launch).
 - train_step (forward + backward, training-mode BatchNorm) on a few shapes: the same blocks in training mode
   against ConvBNAct in training mode (fused conv without epilogue, torch's BatchNorm). The backward of the
-  convolution follows the backend: torch's (cuDNN) under auto, the Triton backward kernels under triton, so
-  ``python -m fastseg bench --ops conv --backends auto triton`` times both against the same eager rows.
+  convolution follows the backend: torch's (cuDNN) under auto, the Triton backward kernels under triton. On
+  CUDA each training shape has both rows (", Triton backward": the step under fastseg.backend("triton"),
+  forward and backward kernels Triton's), so one run measures the hand-written backward against cuDNN's.
 
 The first fastseg call of each forward case on CUDA (Triton compilation and autotuning, and under "auto" the
 timing of the Triton kernel against cuDNN with the BatchNorm folded; cached per shape afterwards) is timed
@@ -24,6 +25,7 @@ On a CPU only a tiny smoke set runs, against eager only.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 from dataclasses import dataclass
@@ -85,9 +87,12 @@ COMPILED_SET = {"aspp d12", "deeplab-v1 fc6", "resnet layer3", "resnet layer4", 
 TRAIN = {"aspp d12", "resnet layer3", "unet 128"}
 # The rows issue 4's targets are judged on first (a GPU run's budget keeps them): bfloat16 channels_last against
 # eager, one shape per family: an ASPP branch at 65x65 and at 33x33 (split-K), fc6, the dilated layer4, a U-Net
-# layer. About 5 s each (the first call compiles and autotunes).
+# layer; and one training step with the Triton backward kernels (the ASPP branch). About 5 s each (the first
+# call compiles and autotunes; the training row's kernels about 15 s).
 TARGETS = {ASPP[0], ASPP[3], FC6[0], RESNET[1], UNET[2]}
+TARGET_TRAIN = ASPP[0]
 TARGET_DTYPE = torch.bfloat16
+TRITON_BACKWARD = ", Triton backward"
 # CPU smoke set: small enough for `python -m fastseg bench` to stay fast.
 CPU_SHAPES = (ConvShape("aspp-like d6", 1, 64, 32, 17, dilation=6),
               ConvShape("unet-like", 1, 32, 32, 30, padding=0))
@@ -120,10 +125,12 @@ def cases(device: torch.device, dtypes: Sequence[torch.dtype], quick: bool) -> l
                                       setup=functools.partial(conv_workload, shape, dtype, layout, device,
                                                               reference, False), target=target))
         for shape in train:
-            found.append(Case(op="fused_conv2d", case=shape.label() + ", training", dtype=dtype,
-                              layout="channels_last", pass_="train_step", reference=EAGER,
-                              setup=functools.partial(conv_workload, shape, dtype, "channels_last", device,
-                                                      EAGER, True)))
+            for backend in ("auto", "triton"):
+                found.append(Case(
+                    op="fused_conv2d", case=shape.label() + ", training" + (TRITON_BACKWARD if backend == "triton" else ""),
+                    dtype=dtype, layout="channels_last", pass_="train_step", reference=EAGER,
+                    setup=functools.partial(conv_workload, shape, dtype, "channels_last", device, EAGER, True, backend),
+                    target=backend == "triton" and shape == TARGET_TRAIN and dtype == TARGET_DTYPE))
     return found
 
 
@@ -153,7 +160,10 @@ def _block(shape: ConvShape, dtype: torch.dtype, device: torch.device, layout: s
 
 
 def conv_workload(shape: ConvShape, dtype: torch.dtype, layout: str, device: torch.device, reference: str,
-                  training: bool) -> Workload:
+                  training: bool, backend: str = "auto") -> Workload:
+    """The case's callables; ``backend`` "triton" runs fastseg's side (a training step here) under
+    fastseg.backend("triton"): the Triton forward and backward kernels instead of "auto"'s choice and cuDNN's
+    backward."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     torch_block, fused = _block(shape, dtype, device, layout)
@@ -195,13 +205,17 @@ def conv_workload(shape: ConvShape, dtype: torch.dtype, layout: str, device: tor
     x.requires_grad_()
     grad = torch.randn(shape.batch, shape.out_channels, shape.out_size, shape.out_size, device=device, dtype=dtype)
 
-    def step(block):
+    def step(block, context=contextlib.nullcontext):
         def run():
-            out = block(x)
-            return torch.autograd.grad(out, (x, block.conv.weight if hasattr(block, "conv") else block[0].weight), grad)
+            with context():
+                out = block(x)
+                return torch.autograd.grad(out, (x, block.conv.weight if hasattr(block, "conv") else block[0].weight),
+                                           grad)
         return run
 
-    return Workload(reference=step(torch_block), fastseg=step(fused), fastseg_bytes=3 * _bytes(shape, dtype),
+    fastseg_context = functools.partial(fastseg.backend, backend) if backend != "auto" else contextlib.nullcontext
+    return Workload(reference=step(torch_block), fastseg=step(fused, fastseg_context),
+                    fastseg_bytes=3 * _bytes(shape, dtype),
                     check=lambda expected, actual: "; ".join(
                         filter(None, (_check(dtype, e, a) for e, a in zip(expected, actual)))),
                     fastseg_flops=3 * shape.flops())
