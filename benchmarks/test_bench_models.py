@@ -64,7 +64,8 @@ def test_gpu_target_rows_run_first():
     targets = [case for case in found if case.target]
     assert found[:len(targets)] == targets
     labels = [case.label for case in targets]
-    assert len(labels) == 11 and labels[0].startswith("dense_crf | 256x256x128") and "512x512 rgb, 21 labels" in labels[1]
+    assert len(labels) == 11 and labels[0].startswith("dense_crf | 256x256x128")
+    assert "512x512 rgb, 21 labels" in labels[1]
     assert [label.split(" ")[2] for label in labels[2:5]] == ["unet", "deeplab_v1_largefov", "deeplabv3_resnet50"]
     assert all("| float16 | channels_last | forward" in labels[i] for i in (2, 4))
     assert "+ dense CRF" in labels[3]

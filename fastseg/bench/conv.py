@@ -126,11 +126,12 @@ def cases(device: torch.device, dtypes: Sequence[torch.dtype], quick: bool) -> l
                                                               reference, False), target=target))
         for shape in train:
             for backend in ("auto", "triton"):
+                label = shape.label() + ", training" + (TRITON_BACKWARD if backend == "triton" else "")
                 found.append(Case(
-                    op="fused_conv2d", case=shape.label() + ", training" + (TRITON_BACKWARD if backend == "triton" else ""),
-                    dtype=dtype, layout="channels_last", pass_="train_step", reference=EAGER,
-                    setup=functools.partial(conv_workload, shape, dtype, "channels_last", device, EAGER, True, backend),
-                    target=backend == "triton" and shape == TARGET_TRAIN and dtype == TARGET_DTYPE))
+                    op="fused_conv2d", case=label, dtype=dtype, layout="channels_last", pass_="train_step",
+                    reference=EAGER, target=backend == "triton" and shape == TARGET_TRAIN and dtype == TARGET_DTYPE,
+                    setup=functools.partial(conv_workload, shape, dtype, "channels_last", device, EAGER, True,
+                                            backend)))
     return found
 
 

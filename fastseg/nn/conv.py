@@ -10,10 +10,10 @@
   fuse_conv_bn_eval does: the scale and shift are folded into a copy of the convolution's weight and bias, made
   once and kept until a parameter or running statistic changes, so that each call is the convolution alone
   (folding on every call would cost a pass over the weights and a dozen small launches per layer, more than the
-  BatchNorm it removes on a network's small layers). In training mode (or when the BatchNorm tracks no running statistics) the convolution runs
-  through the fused op without its epilogue and the BatchNorm module itself runs next, so batch statistics,
-  running statistics, momentum and num_batches_tracked are exactly nn.BatchNorm2d's: fusion never changes
-  training results.
+  BatchNorm it removes on a network's small layers). In training mode (or when the BatchNorm tracks no running
+  statistics) the convolution runs through the fused op without its epilogue and the BatchNorm module itself
+  runs next, so batch statistics, running statistics, momentum and num_batches_tracked are exactly
+  nn.BatchNorm2d's: fusion never changes training results.
 """
 
 from __future__ import annotations

@@ -253,11 +253,11 @@ def folded_conv2d(x: Tensor, weight: Tensor, bias, scale, shift, residual, strid
     """The fused op through torch's convolution (cuDNN on CUDA), the affine folded into the weights and bias
     (weight * scale and bias * scale + shift, computed in float32 or wider and rounded once to x's dtype):
     F.conv2d without bias, then bias, residual and ReLU in place: in one pass of a Triton kernel for a
-    channels_last output (on CUDA, or CPU tensors under Triton's interpreter), else torch's ops, a pass each. With ``cudnn_fusion`` (CUDA tensors and an epilogue
-    ending in a ReLU; anything else raises) cuDNN's fused convolution + bias (+ residual) + ReLU instead
-    (torch.cudnn_convolution_relu / cudnn_convolution_add_relu): one call, but its kernels can be many times
-    slower than the plain convolution's (pytorch#68506: channels_last, 7x7), so "auto" times both. The result has
-    F.conv2d's memory format."""
+    channels_last output (on CUDA, or CPU tensors under Triton's interpreter), else torch's ops, a pass each.
+    With ``cudnn_fusion`` (CUDA tensors and an epilogue ending in a ReLU; anything else raises) cuDNN's fused
+    convolution + bias (+ residual) + ReLU instead (torch.cudnn_convolution_relu / cudnn_convolution_add_relu):
+    one call, but its kernels can be many times slower than the plain convolution's (pytorch#68506:
+    channels_last, 7x7), so "auto" times both. The result has F.conv2d's memory format."""
     if cudnn_fusion and not (activation == "relu" and x.is_cuda):
         raise ValueError("folded_conv2d: cuDNN's fusion needs CUDA tensors and an epilogue ending in a ReLU")
     memory_format = _output_memory_format(x, weight)
@@ -332,8 +332,8 @@ def _mean_ms(fn) -> float:
 
 def _auto_impl(x, weight, bias, scale, shift, residual, stride, padding4, dilation, groups, activation) -> str:
     """The implementation "auto" runs on CUDA: the one timed fastest for this problem. A candidate that raises
-    (e.g. a cuDNN fusion this dtype lacks, a Triton kernel that does not compile) drops out with a warning; under CUDA-graph capture, where nothing can
-    be timed (or compiled), an untimed problem runs on cuDNN."""
+    (e.g. a cuDNN fusion this dtype lacks, a Triton kernel that does not compile) drops out with a warning;
+    under CUDA-graph capture, where nothing can be timed (or compiled), an untimed problem runs on cuDNN."""
     key = _problem_key(x, weight, bias, scale, shift, residual, stride, padding4, dilation, groups, activation)
     choice = _auto_choices.get(key)
     if choice is not None:
