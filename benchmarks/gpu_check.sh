@@ -43,14 +43,15 @@ INFO_LIMIT_S=${INFO_LIMIT_S:-60}
 # A whole run takes about 8 minutes (a lent device runs one command for at most 10); the limits cap hung steps.
 CUDA_TESTS_LIMIT_S=${CUDA_TESTS_LIMIT_S:-80} # the compiled CUDA kernels' tests (lattice, CRF)
 TESTS_LIMIT_S=${TESTS_LIMIT_S:-90}           # every other GPU test
-BENCH_LIMIT_S=${BENCH_LIMIT_S:-175}
+BENCH_LIMIT_S=${BENCH_LIMIT_S:-220}
 # The whole script's deadline (the device call's timeout_s is 560): the bench's limit and budget shrink to what
-# the earlier steps left, so that a slow step costs bench rows, not the results file and the summary.
+# the earlier steps left, so that a slow step costs bench rows, not the results file and the summary (the steps
+# before the bench take about 5 minutes: the bench gets the rest).
 TOTAL_LIMIT_S=${TOTAL_LIMIT_S:-540}
 SUMMARY_RESERVE_S=25 # the summary, after the bench's SIGINT and its results file
 BENCH_WRAP_UP_S=40   # from the budget's end to the limit: the case in flight, the table, the file and the plots
 # The benchmark starts no case after this many seconds; the cases left become 'skipped' rows.
-BENCH_BUDGET_S=${BENCH_BUDGET_S:-135}
+BENCH_BUDGET_S=${BENCH_BUDGET_S:-180}
 # Groups in order of what a run most needs measured: the CUDA dense CRF (its build and mean field are the
 # newest GPU code), the networks (never measured on a GPU yet), then the kernels measured before.
 BENCH_GROUPS=(crf models max_pool conv)
