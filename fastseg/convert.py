@@ -12,7 +12,13 @@ segmentation_models_pytorch's, your own):
   BatchNorm), and the ``FoldedBatchNorm2d`` / ``FoldedReLU`` after it then pass their input through. With the
   BatchNorm computing batch statistics (training) the three run one after the other as before, so batch and
   running statistics are exactly nn.BatchNorm2d's. A model with frozen (eval-mode) BatchNorms fuses in training
-  too.
+  too;
+- a residual block of a class whose forward fastseg knows exactly (fastseg.models' Bottleneck; torchvision's
+  Bottleneck and BasicBlock, which segmentation_models_pytorch's ResNet encoders use too) becomes its fused
+  subclass: the block's last conv -> BatchNorm -> (+ shortcut) -> ReLU runs as one kernel with the shortcut as the
+  residual (the sum and the ReLU sit in the block's own forward, which swapping its children cannot reach), the
+  rest of its forward unchanged. Its tail must be plain torch modules used there alone, without hooks, and the
+  block without hooks; the report says why a block was left.
 
 How a module is swapped: its class is changed in place (``module.__class__ = FusedConv2d``, as
 torch.nn.utils.parametrize does). Every drop-in is a subclass of the torch class it replaces and adds no
@@ -58,6 +64,7 @@ saying what it became (and, for a chain, by which proof), or why it was left. ``
 from __future__ import annotations
 
 import copy
+import sys
 from collections import Counter
 from dataclasses import dataclass
 
@@ -141,7 +148,7 @@ class FoldedReLU(_ChainMember, nn.ReLU):
 
 
 # Attributes a chain's modules hold outside the module tree (set with _set_hidden).
-_HIDDEN_ATTRIBUTES = ("_chain", "_chain_bn")
+_HIDDEN_ATTRIBUTES = ("_chain", "_chain_bn", "_residual_chain")
 _UNFUSED_CLASS = {FusedChainConv2d: FusedConv2d, FoldedBatchNorm2d: nn.BatchNorm2d, FoldedReLU: nn.ReLU}
 
 
@@ -168,12 +175,124 @@ def _fuse_chain(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, relu: nn.ReLU | None
     _set_hidden(conv, "_chain", ConvBNAct.from_modules(conv, bn, relu))
 
 
-# Each drop-in and the torch class it came from (revert's map); optimize swaps only these torch classes exactly.
+# Each drop-in and the class it came from (revert's map; the residual blocks below add theirs); optimize swaps
+# only these torch classes exactly.
 _TORCH_CLASS = {FusedChainConv2d: nn.Conv2d, FusedConv2d: nn.Conv2d, FoldedBatchNorm2d: nn.BatchNorm2d,
                 FoldedReLU: nn.ReLU, MaxPool2d: nn.MaxPool2d, MaxUnpool2d: nn.MaxUnpool2d}
 _DROP_IN = {nn.Conv2d: FusedConv2d, nn.MaxPool2d: MaxPool2d, nn.MaxUnpool2d: MaxUnpool2d}
+
+
+# --- residual blocks ---------------------------------------------------------------------------------------------
+#
+# A ResNet block ends in conv -> BatchNorm -> (+ shortcut) -> ReLU, the sum and the ReLU in its forward's own code,
+# which swapping modules cannot reach: eagerly they are two more passes over the block's output. For the block
+# classes whose forward fastseg knows exactly (its own backbone's Bottleneck; torchvision's Bottleneck and
+# BasicBlock, which segmentation_models_pytorch's ResNet encoders use too), optimize swaps the block itself for a
+# subclass whose forward is the original's with that tail computed by one fastseg.nn.ConvBNAct, the shortcut as
+# its residual: one kernel in eval mode, the original's modules one after the other in training.
+
+
+class _FusedResidualBlock(_ChainMember):
+    """The part every fused residual block shares: self._residual_chain, a ConvBNAct over the block's last
+    convolution, BatchNorm and ReLU (held outside the module tree: no state_dict key changes), and TAIL, the
+    names of those three attributes."""
+
+    TAIL: tuple[str, str, str]
+
+    def extra_repr(self) -> str:
+        conv, bn, relu = self.TAIL
+        return f"{conv} -> {bn} -> (+ shortcut) -> {relu} fused in one kernel"
+
+
+def _fastseg_blocks() -> dict[type, type]:
+    from fastseg.models import backbones
+
+    class FusedBottleneck(_FusedResidualBlock, backbones.Bottleneck):
+        """fastseg.models.backbones.Bottleneck with conv3 -> bn3 -> (+ shortcut) -> relu3 in one kernel."""
+
+        TAIL = ("conv3", "bn3", "relu3")
+
+        def forward(self, x):
+            identity = x if self.downsample is None else self.downsample(x)
+            out = self.relu1(self.bn1(self.conv1(x)))
+            out = self.relu2(self.bn2(self.conv2(out)))
+            return self._residual_chain(out, identity)
+
+    return {backbones.Bottleneck: FusedBottleneck}
+
+
+def _torchvision_blocks(resnet) -> dict[type, type]:
+    class FusedTorchvisionBottleneck(_FusedResidualBlock, resnet.Bottleneck):
+        """torchvision's Bottleneck with conv3 -> bn3 -> (+ shortcut) -> relu in one kernel (the same ReLU module
+        runs the first two on its own, as before)."""
+
+        TAIL = ("conv3", "bn3", "relu")
+
+        def forward(self, x):
+            out = self.relu(self.bn1(self.conv1(x)))
+            out = self.relu(self.bn2(self.conv2(out)))
+            identity = x if self.downsample is None else self.downsample(x)
+            return self._residual_chain(out, identity)
+
+    class FusedTorchvisionBasicBlock(_FusedResidualBlock, resnet.BasicBlock):
+        """torchvision's BasicBlock with conv2 -> bn2 -> (+ shortcut) -> relu in one kernel."""
+
+        TAIL = ("conv2", "bn2", "relu")
+
+        def forward(self, x):
+            out = self.relu(self.bn1(self.conv1(x)))
+            identity = x if self.downsample is None else self.downsample(x)
+            return self._residual_chain(out, identity)
+
+    return {resnet.Bottleneck: FusedTorchvisionBottleneck, resnet.BasicBlock: FusedTorchvisionBasicBlock}
+
+
+_RESIDUAL_BLOCKS: dict[type, type] = {}  # block class -> its fused subclass (see _residual_block_classes)
+
+
+def _register_blocks(blocks: dict[type, type]) -> None:
+    for block, fused in blocks.items():
+        fused.__module__, fused.__qualname__ = __name__, fused.__name__  # pickles find it here (__getattr__)
+        _RESIDUAL_BLOCKS[block] = fused
+        _TORCH_CLASS[fused] = _UNFUSED_CLASS[fused] = block
+
+
+def _residual_block_classes() -> dict[type, type]:
+    """The block classes optimize fuses, each with its fused subclass, made once per class: fastseg's, and
+    torchvision's once torchvision.models.resnet is imported (a model holding its blocks has imported it)."""
+    from fastseg.models import backbones
+
+    if backbones.Bottleneck not in _RESIDUAL_BLOCKS:
+        _register_blocks(_fastseg_blocks())
+    resnet = sys.modules.get("torchvision.models.resnet")
+    if resnet is not None and resnet.Bottleneck not in _RESIDUAL_BLOCKS:
+        _register_blocks(_torchvision_blocks(resnet))
+    return _RESIDUAL_BLOCKS
+
+
+_FUSED_BLOCK_NAMES = ("FusedBottleneck", "FusedTorchvisionBottleneck", "FusedTorchvisionBasicBlock")
+
+
+def __getattr__(name: str):
+    """The fused residual block classes, made on first use (an unpickled model asks for them by name)."""
+    if name in _FUSED_BLOCK_NAMES:
+        if "Torchvision" in name:
+            import torchvision.models.resnet  # noqa: F401 (what _residual_block_classes looks for)
+        for fused in _residual_block_classes().values():
+            if fused.__name__ == name:
+                return fused
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _fuse_residual_block(block: nn.Module, fused: type) -> None:
+    conv, bn, relu = (getattr(block, name) for name in fused.TAIL)
+    conv.__class__ = FusedConv2d
+    block.__class__ = fused
+    _set_hidden(block, "_residual_chain", ConvBNAct.from_modules(conv, bn, relu))
+
+
 # fastseg modules optimize leaves alone and does not look into.
-_FASTSEG_MODULES = (*_TORCH_CLASS, ConvBNAct, DenseCRF)
+_FASTSEG_MODULES = (*_TORCH_CLASS, _FusedResidualBlock, ConvBNAct, DenseCRF)
 
 
 # --- the report ---------------------------------------------------------------------------------------------
@@ -377,15 +496,16 @@ def _why_conv_unsupported(conv: nn.Module) -> str | None:
     return None
 
 
-def _plan(model: nn.Module) -> tuple[list[tuple], list[nn.Module], list[Decision]]:
-    """The chains to fuse (conv, bn or None, relu or None), the modules to swap for their drop-ins, and one
-    Decision per reported module."""
+def _plan(model: nn.Module) -> tuple[list[tuple], list[tuple], list[nn.Module], list[Decision]]:
+    """The chains to fuse (conv, bn or None, relu or None), the residual blocks to fuse (block, fused class), the
+    modules to swap for their drop-ins, and one Decision per reported module."""
     analysis = _Analysis(model)
     chains: list[tuple] = []
     in_chain: dict[int, str] = {}      # module id -> its decision's detail
-    blocked: dict[int, str] = {}       # BatchNorm / ReLU id -> why the chain before it does not take it
+    blocked: dict[int, str] = {}       # BatchNorm / ReLU / block id -> why it is not fused
+    blocks = _residual_blocks_from(analysis, in_chain, blocked)
     for conv in analysis.modules:
-        if isinstance(conv, nn.Conv2d) and _why_conv_unsupported(conv) is None:
+        if isinstance(conv, nn.Conv2d) and _why_conv_unsupported(conv) is None and id(conv) not in in_chain:
             chain = _chain_from(conv, analysis, blocked)
             if chain is not None:
                 chains.append(chain)
@@ -396,6 +516,8 @@ def _plan(model: nn.Module) -> tuple[list[tuple], list[nn.Module], list[Decision
         key, path, kind = id(module), analysis.path(module), type(module).__name__
         if key in in_chain:
             decisions.append(Decision(path, kind, "fused", in_chain[key]))
+        elif key in blocked and type(module) in _RESIDUAL_BLOCKS:
+            decisions.append(Decision(path, kind, "left", blocked[key]))
         elif isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
             reason = _why_conv_unsupported(module)
             if reason is None:
@@ -420,7 +542,59 @@ def _plan(model: nn.Module) -> tuple[list[tuple], list[nn.Module], list[Decision
             decisions.append(Decision(path, kind, "left", blocked[key]))
         elif isinstance(module, _FASTSEG_MODULES):
             decisions.append(Decision(path, kind, "left", "already a fastseg module"))
-    return chains, swaps, decisions
+    return chains, blocks, swaps, decisions
+
+
+def _residual_blocks_from(analysis: _Analysis, in_chain: dict[int, str], blocked: dict[int, str]) -> list[tuple]:
+    """The residual blocks to fuse, (block, fused class), their tails described in `in_chain` (which keeps those
+    modules out of the plain chains); each known block left gets its reason in `blocked`."""
+    known = _residual_block_classes()
+    found = []
+    for block in analysis.modules:
+        fused = known.get(type(block))
+        if fused is None:
+            continue
+        reason = _why_block_not_fused(block, fused, analysis)
+        if reason is not None:
+            blocked[id(block)] = f"not fused: {reason}"
+            continue
+        found.append((block, fused))
+        names = [f"{analysis.path(getattr(block, name))!r}" for name in fused.TAIL]
+        kernel = f"{names[0]} -> {names[1]} -> (+ shortcut) -> {names[2]}"
+        proof = f"proof: the forward of {type(block).__module__}.{type(block).__qualname__} is known exactly"
+        in_chain[id(block)] = f"{fused.__name__}: {kernel} in one kernel while the BatchNorm is in eval mode; {proof}"
+        conv, bn, relu = (getattr(block, name) for name in fused.TAIL)
+        in_chain[id(conv)] = f"FusedConv2d, the residual kernel of {analysis.path(block)!r} with {names[1]}"
+        in_chain[id(bn)] = f"folded into the residual kernel of {analysis.path(block)!r} in eval mode"
+        if analysis.calls[id(relu)] == 1:  # a ReLU the block also calls elsewhere keeps running there
+            in_chain[id(relu)] = f"applied by the residual kernel of {analysis.path(block)!r}"
+    return found
+
+
+def _why_block_not_fused(block: nn.Module, fused: type, analysis: _Analysis) -> str | None:
+    """Why a block of a known class cannot be fused, or None. Its forward is known; its tail must be plain torch
+    modules, used there alone, without hooks."""
+    if _has_hooks(block):
+        return "has forward or backward hooks, which would see the fused values"
+    conv, bn, relu = (getattr(block, name) for name in fused.TAIL)
+    names = dict(zip(("conv", "bn", "relu"), fused.TAIL))
+    expected = {"conv": (conv, nn.Conv2d), "bn": (bn, nn.BatchNorm2d), "relu": (relu, nn.ReLU)}
+    for role, (module, cls) in expected.items():
+        if type(module) is not cls:
+            return f"its {names[role]} is a {type(module).__qualname__}, not an nn.{cls.__name__}"
+        if _has_hooks(module):
+            return f"its {names[role]} has forward or backward hooks, which would see the fused values"
+    reason = _why_conv_unsupported(conv)
+    if reason is not None:
+        return f"its {names['conv']}: {reason}"
+    if bn.num_features != conv.out_channels:
+        return f"its {names['bn']} has {bn.num_features} features, its {names['conv']} {conv.out_channels} outputs"
+    for role in ("conv", "bn"):
+        module = expected[role][0]
+        if analysis.registrations[id(module)] > 1:
+            return (f"its {names[role]} is registered in {analysis.registrations[id(module)]} places: fusing it "
+                    "would change its other uses")
+    return None
 
 
 def _why_conv_does_not_carry(conv: nn.Module | None, analysis: _Analysis) -> str:
@@ -519,7 +693,9 @@ def optimize(model: nn.Module, *, inplace: bool = False, report: bool = False):
     _check_module(model, "optimize")
     if not inplace:
         model = _copy(model, "optimize")
-    chains, swaps, decisions = _plan(model)
+    chains, blocks, swaps, decisions = _plan(model)
+    for block, fused in blocks:
+        _fuse_residual_block(block, fused)
     for chain in chains:
         _fuse_chain(*chain)
     for module in swaps:

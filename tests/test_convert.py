@@ -15,12 +15,18 @@ On CPU the default backend runs the reference convolution and the C++ max-pool; 
 kernels through the interpreter (see conftest.py).
 """
 
+import collections
 import copy
 import io
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+import torch.utils._python_dispatch
 
 import fastseg
 from conftest import skip_unless_backend
@@ -437,6 +443,121 @@ def test_data_parallel_copies_run_unfused():
 
 
 # --------------------------------------------------------------------------------------------------------------
+# residual blocks of known classes: the last conv -> BN -> (+ shortcut) -> ReLU in one kernel
+# --------------------------------------------------------------------------------------------------------------
+def dilated_resnet():
+    """fastseg's own ResNet trunk (its Bottleneck), small, at output stride 8 as in DeepLab."""
+    from fastseg.models.backbones import ResNet
+
+    return randomized(ResNet([2, 1, 1, 1], base_width=8, replace_stride_with_dilation=(False, True, True)))
+
+
+def test_residual_blocks_fuse_their_tail_with_the_shortcut():
+    original = dilated_resnet().eval()
+    optimized, report = optimize(original, report=True)
+    blocks = [name for name, m in original.named_modules() if type(m).__name__ == "Bottleneck"]
+    assert len(blocks) == 5
+    for name in blocks:
+        block = optimized.get_submodule(name)
+        assert type(block).__name__ == "FusedBottleneck" and report[name].action == "fused"
+        assert "(+ shortcut)" in report[name].detail and "known exactly" in report[name].detail
+        assert type(block.conv3) is fastseg.nn.FusedConv2d and type(block.bn3) is nn.BatchNorm2d
+        assert {report[f"{name}.{m}"].action for m in ("conv3", "bn3", "relu3")} == {"fused"}
+        assert block._residual_chain.conv is block.conv3 and block._residual_chain.bn is block.bn3
+        assert type(block.conv1) is FusedChainConv2d  # the first two conv-BN-ReLU chains fuse as before
+    assert_same_state(optimized, original)
+    x = torch.randn(2, 3, 40, 32)
+    with torch.no_grad():
+        assert_outputs_close(optimized(x)["out"], original(x)["out"])
+    check_train_step(_OutTensor(original), _OutTensor(optimized), x)
+    # a block (its weights folded by an earlier call) is four fused ops: no sum, no ReLU, no BatchNorm of its own
+    block_input = torch.randn(1, 32, 10, 8)
+    with torch.no_grad():
+        optimized.layer2[0](block_input)
+        with _DispatchCount() as ops:
+            optimized.layer2[0](block_input)
+    assert dict(ops.counts) == {"fastseg.fused_conv2d.default": 4}, ops.counts
+    reverted = revert(optimized)
+    assert [type(m) for m in reverted.modules()] == [type(m) for m in original.modules()]
+    assert not any("_residual_chain" in vars(m) for m in reverted.modules())
+    again, report = optimize(optimized, report=True)  # an optimized model is left as it is
+    assert report["layer1.0"].action == "left" and "already a fastseg module" in report["layer1.0"].detail
+
+
+class _OutTensor(nn.Module):
+    """A ResNet trunk's {"out": tensor} as a tensor (check_train_step takes tensors)."""
+
+    def __init__(self, trunk):
+        super().__init__()
+        self.trunk = trunk
+
+    def forward(self, x):
+        return self.trunk(x)["out"]
+
+
+class _DispatchCount(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_residual_blocks_frozen_batchnorm_training_and_copies():
+    """Fine-tuning with frozen BatchNorms runs the residual kernel with autograd (gradients reach the shortcut
+    and both branches); pickles, deep copies and DataParallel replicas keep or drop the fused tail correctly."""
+    original = dilated_resnet()
+    optimized = optimize(original)
+    x = torch.randn(2, 3, 32, 24)
+    for model in (original, optimized):
+        model.train()
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+        model(x)["out"].square().mean().backward()
+    params = dict(original.named_parameters())
+    for name, p in optimized.named_parameters():
+        torch.testing.assert_close(p.grad, params[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+    optimized.eval()
+    buffer = io.BytesIO()
+    torch.save(optimized, buffer)
+    buffer.seek(0)
+    for clone in (torch.load(buffer, weights_only=False), copy.deepcopy(optimized)):
+        block = clone.layer1[0]
+        assert block._residual_chain.conv is block.conv3 and block._residual_chain.act is block.relu3
+        with torch.no_grad():
+            assert_outputs_close(clone(x)["out"], optimized(x)["out"], rtol=0, atol=0)
+    replica = optimized.layer1[0]._replicate_for_data_parallel()
+    assert type(replica).__name__ == "Bottleneck" and "_residual_chain" not in vars(replica)
+
+
+def test_residual_blocks_with_hooks_or_odd_tails_are_left():
+    model = dilated_resnet().eval()
+    model.layer1[0].register_forward_hook(lambda *args: None)
+    model.layer1[1].bn3.register_forward_pre_hook(lambda *args: None)
+    model.layer2[0].relu3 = nn.ReLU6()
+    optimized, report = optimize(model, report=True)
+    assert report["layer1.0"].action == "left" and "hooks" in report["layer1.0"].detail
+    assert report["layer1.1"].action == "left" and "bn3 has forward or backward hooks" in report["layer1.1"].detail
+    assert report["layer2.0"].action == "left" and "relu3 is a ReLU6" in report["layer2.0"].detail
+    assert report["layer3.0"].action == "fused"
+    x = torch.randn(1, 3, 32, 24)
+    with torch.no_grad():
+        assert_outputs_close(optimized(x)["out"], model(x)["out"])
+
+
+def test_residual_blocks_compile_fullgraph():
+    original = dilated_resnet().eval()
+    optimized = optimize(original)
+    x = torch.randn(1, 3, 32, 24)
+    with torch.no_grad():
+        compiled = torch.compile(optimized, fullgraph=True, backend="aot_eager")
+        assert_outputs_close(compiled(x)["out"], original(x)["out"])
+
+
+# --------------------------------------------------------------------------------------------------------------
 # the Triton kernels (interpreter on CPU) and torchvision's models
 # --------------------------------------------------------------------------------------------------------------
 def test_triton_kernels_run_the_optimized_model():
@@ -459,7 +580,11 @@ def test_torchvision_models(name):
     kwargs = dict(weights=None, weights_backbone=None, num_classes=3) if segmentation else dict(weights=None)
     original = randomized(builder(**kwargs)).eval()
     optimized, report = optimize(original, report=True)
-    assert report["backbone.layer1.0.bn1" if segmentation else "layer1.0.bn1"].action == "fused"
+    prefix = "backbone." if segmentation else ""
+    assert report[f"{prefix}layer1.0.bn1"].action == "fused"
+    # their residual blocks (BasicBlock in ResNet-18, Bottleneck in the others) fuse their tails
+    block = report[f"{prefix}layer1.0"]
+    assert block.action == "fused" and block.detail.startswith("FusedTorchvision"), block
     assert_same_state(optimized, original)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
@@ -467,7 +592,38 @@ def test_torchvision_models(name):
     if segmentation:
         got, expected = got["out"], expected["out"]
     assert_outputs_close(got, expected, rtol=1e-4, atol=1e-4)
-    assert fastseg_modules(revert(optimized)) == []
+    if not segmentation:
+        check_train_step(original, optimized, torch.randn(2, 3, 32, 32))
+    reverted = revert(optimized)
+    assert fastseg_modules(reverted) == []
+    assert [type(m) for m in reverted.modules()] == [type(m) for m in original.modules()]
+
+
+UNPICKLE = r"""
+import sys, torch
+model, x, expected = torch.load(sys.argv[1], weights_only=False)
+assert type(model.layer1[0]).__name__ == "FusedTorchvisionBasicBlock", type(model.layer1[0])
+with torch.no_grad():
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+print("ok")
+"""
+
+
+def test_torchvision_model_unpickles_in_a_fresh_process(tmp_path):
+    """A saved optimized torchvision model names its fused block classes, which fastseg.convert makes on demand
+    in a process that has not optimized anything."""
+    models = pytest.importorskip("torchvision.models")
+    optimized = optimize(randomized(models.resnet18(weights=None))).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.save((optimized, x, optimized(x)), tmp_path / "model.pt")
+    script = tmp_path / "load.py"
+    script.write_text(UNPICKLE)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(fastseg.__file__).parents[1]),
+                                                                     os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "model.pt")], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("architecture", ["Unet", "DeepLabV3Plus", "FPN"])

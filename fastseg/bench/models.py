@@ -265,15 +265,20 @@ def _dropout_off(model: nn.Module) -> None:
 
 
 def conversion_summary(twin: nn.Module, report) -> str:
-    """'optimize: 12 conv-bn-relu, 3 conv-bn chains fused; 2 convs, 4 pools replaced; left 4 ConvTranspose2d
-    (reason)' from the optimized model's modules and optimize()'s report."""
-    from fastseg.convert import FusedChainConv2d
+    """'optimize: 12 conv-bn-relu, 3 conv-bn, 4 conv-bn-shortcut-relu chains fused; 2 convs, 4 pools replaced;
+    left 4 ConvTranspose2d (reason)' from the optimized model's modules and optimize()'s report."""
+    from fastseg.convert import FusedChainConv2d, _FusedResidualBlock
     from fastseg.nn import FusedConv2d, MaxPool2d, MaxUnpool2d
 
     chains: Counter = Counter()
     replaced: Counter = Counter()
+    residual_convs = {id(m._residual_chain.conv) for m in twin.modules() if isinstance(m, _FusedResidualBlock)}
     for module in twin.modules():
-        if type(module) is FusedChainConv2d:
+        if isinstance(module, _FusedResidualBlock):
+            chains["conv-bn-shortcut-relu"] += 1
+        elif id(module) in residual_convs:
+            continue
+        elif type(module) is FusedChainConv2d:
             chain = module._chain
             parts = ["conv"] + (["bn"] if chain.bn is not None else []) + (
                 ["relu"] if chain.act is not None and not isinstance(chain.act, nn.Identity) else [])
