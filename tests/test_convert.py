@@ -228,21 +228,26 @@ def test_report_says_what_was_fused_by_which_proof():
         report["nowhere"]
 
 
-def test_frozen_batchnorm_fuses_during_training():
-    """Fine-tuning with frozen (eval-mode) BatchNorms: the chains fold in training too, and gradients match."""
-    original = randomized(MiniResNet())
-    optimized = optimize(original)
-    x = torch.randn(2, 3, 32, 24)
+def check_frozen_batchnorm_step(original, optimized, x, output=lambda y: y):
+    """Fine-tuning with frozen (eval-mode) BatchNorms in both models: outputs and gradients match."""
+    outputs = []
     for model in (original, optimized):
         model.train()
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.eval()
-        model(x).square().mean().backward()
-    assert_outputs_close(optimized(x), original(x))
+        outputs.append(output(model(x)))
+        outputs[-1].square().mean().backward()
+    assert_outputs_close(outputs[1], outputs[0])
     params = dict(original.named_parameters())
     for name, p in optimized.named_parameters():
         torch.testing.assert_close(p.grad, params[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_frozen_batchnorm_fuses_during_training():
+    """Fine-tuning with frozen (eval-mode) BatchNorms: the chains fold in training too, and gradients match."""
+    original = randomized(MiniResNet())
+    check_frozen_batchnorm_step(original, optimize(original), torch.randn(2, 3, 32, 24))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -511,15 +516,7 @@ def test_residual_blocks_frozen_batchnorm_training_and_copies():
     original = dilated_resnet()
     optimized = optimize(original)
     x = torch.randn(2, 3, 32, 24)
-    for model in (original, optimized):
-        model.train()
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.eval()
-        model(x)["out"].square().mean().backward()
-    params = dict(original.named_parameters())
-    for name, p in optimized.named_parameters():
-        torch.testing.assert_close(p.grad, params[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+    check_frozen_batchnorm_step(original, optimized, x, output=lambda y: y["out"])
     optimized.eval()
     buffer = io.BytesIO()
     torch.save(optimized, buffer)
