@@ -623,6 +623,31 @@ def test_torchvision_model_unpickles_in_a_fresh_process(tmp_path):
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["deeplabv3_resnet50", "unet", "segnet"])
+def test_gpu_optimized_networks_match_eager(name, dtype):
+    """On CUDA in half precision, channels_last, eval under no_grad (the bench's inference setting: "auto" picks
+    per layer among the Triton kernel and cuDNN with one epilogue pass; residual blocks fused): the optimized
+    network's scores match eager's within the bench's tolerance, twice (the second call reuses what the first
+    timed, compiled and folded)."""
+    from fastseg.bench.models import check_outputs
+
+    kwargs = dict(num_classes=5, in_channels=3, base_width=16)
+    if name == "unet":
+        kwargs.update(padding=True)
+    original = randomized(fastseg.models.get_model(name, **kwargs)).cuda().to(dtype)
+    original = original.to(memory_format=torch.channels_last).eval()
+    optimized = optimize(original)
+    x = torch.randn(2, 3, 96, 96, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = original(x)
+        expected = expected["out"] if isinstance(expected, dict) else expected
+        for _ in range(2):
+            got = optimized(x)
+            check_outputs(expected, got["out"] if isinstance(got, dict) else got, dtype)
+
+
 @pytest.mark.parametrize("architecture", ["Unet", "DeepLabV3Plus", "FPN"])
 def test_segmentation_models_pytorch(architecture):
     """segmentation_models_pytorch's networks (ResNet-18 encoder, no pretrained weights: nothing downloaded): the
