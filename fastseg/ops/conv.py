@@ -384,13 +384,13 @@ def _fused_conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: O
                      activation: Optional[str]) -> Tensor:
     """act((conv2d(x, weight) + bias) * scale + shift + residual); padding is [top, left, bottom, right]."""
     OH, OW = output_size(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
-    out = _empty_output(x, weight, OH, OW)
-    if out.numel() == 0:
-        return out
+    if x.shape[0] * weight.shape[0] * OH * OW == 0:
+        return _empty_output(x, weight, OH, OW)
     args = (x, weight, bias, scale, shift, residual, stride, padding, dilation, groups, activation)
     impl = _implementation(*args)
-    if impl in ("cudnn", "cudnn_fused"):
+    if impl in ("cudnn", "cudnn_fused"):  # they allocate their own output
         return folded_conv2d(*args, cudnn_fusion=impl == "cudnn_fused")
+    out = _empty_output(x, weight, OH, OW)
     _forward_into(out, *args, impl)
     return out
 
