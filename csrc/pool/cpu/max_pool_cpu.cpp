@@ -1,7 +1,10 @@
 // CPU kernels of fastseg::ext_max_pool2d_out and fastseg::ext_max_pool2d_backward_out.
 //
-// The per-element work is the shared math in pool/max_pool_math.h; this file only chooses the loop order
-// and splits the work across threads with at::parallel_for.
+// The per-element work is the shared math in pool/max_pool_math.h; this file chooses the loop order and
+// splits the work across threads with at::parallel_for. Tensors whose channels are contiguous (channels_last)
+// take a path that walks each window once for a block of channels, the channels innermost, so the compare and
+// select run over contiguous memory (and vectorise) instead of one element at a time through the generic
+// addressing: the same taps in the same order, so the same results.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -10,6 +13,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "pool/max_pool_args.h"
 #include "pool/max_pool_math.h"
@@ -51,9 +55,85 @@ void parallel_for_each_element(const at::Tensor& layout, int64_t taps_per_elemen
   }
 }
 
+// Channels per block of the channels-contiguous paths: their running state stays in L1 (and registers).
+constexpr int64_t kChannelBlock = 64;
+
+bool channels_contiguous(const at::Tensor& t) {
+  return t.stride(1) == 1 && channels_innermost(t);
+}
+
+// Forward for channels-contiguous x, out and argmax: per output pixel, each in-bounds tap of the window in
+// row-major order updates a block of channels at once (max_pool2d_forward_element's scan and rules).
+template <typename scalar_t, typename idx_t>
+void forward_channels_contiguous(const at::Tensor& x, const at::Tensor& out, const at::Tensor& argmax,
+                                 const PoolWindow<int64_t>& p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+  scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
+  idx_t* argmax_data = argmax.mutable_data_ptr<idx_t>();
+  const int64_t C = x.size(1), H = x.size(2), W = x.size(3), OH = out.size(2), OW = out.size(3);
+  const auto xs = x.strides(), os = out.strides(), as = argmax.strides();
+  // Rows of output pixels (n, oh) per work item: no division per pixel.
+  const int64_t grain = std::max<int64_t>(1, kTapsPerChunk / std::max<int64_t>(1, OW * C * p.kh * p.kw));
+  at::parallel_for(0, out.size(0) * OH, grain, [&](int64_t begin, int64_t end) {
+    acc_t best[kChannelBlock];
+    scalar_t best_val[kChannelBlock];
+    idx_t best_idx[kChannelBlock];
+    auto pixel = [&](int64_t n, int64_t oh, int64_t ow) {
+      const int64_t hstart = oh * p.sh - p.ph, wstart = ow * p.sw - p.pw;
+      const int64_t r0 = first_valid_tap(hstart, p.dh), c0 = first_valid_tap(wstart, p.dw);
+      const idx_t first = encode_argmax<idx_t>(r0, c0, p.kw, hstart + r0 * p.dh, wstart + c0 * p.dw, W);
+      const scalar_t* x_n = x_data + n * xs[0];
+      scalar_t* o = out_data + n * os[0] + oh * os[2] + ow * os[3];
+      idx_t* a = argmax_data + n * as[0] + oh * as[2] + ow * as[3];
+      for (int64_t cb = 0; cb < C; cb += kChannelBlock) {
+        const int64_t cn = std::min(kChannelBlock, C - cb);
+        for (int64_t j = 0; j < cn; ++j) {
+          best[j] = -static_cast<acc_t>(INFINITY);
+          best_val[j] = static_cast<scalar_t>(best[j]);
+          best_idx[j] = first;
+        }
+        for (int64_t r = r0; r < p.kh; ++r) {
+          const int64_t ih = hstart + r * p.dh;
+          if (ih >= H) {
+            break;
+          }
+          for (int64_t c = c0; c < p.kw; ++c) {
+            const int64_t iw = wstart + c * p.dw;
+            if (iw >= W) {
+              break;
+            }
+            const scalar_t* __restrict tap = x_n + ih * xs[2] + iw * xs[3] + cb;
+            const idx_t code = encode_argmax<idx_t>(r, c, p.kw, ih, iw, W);
+            for (int64_t j = 0; j < cn; ++j) {
+              const scalar_t t = tap[j];
+              const acc_t v = static_cast<acc_t>(t);
+              const bool take = replaces_max(v, best[j]);
+              best[j] = take ? v : best[j];
+              best_val[j] = take ? t : best_val[j];
+              best_idx[j] = take ? code : best_idx[j];
+            }
+          }
+        }
+        std::copy(best_val, best_val + cn, o + cb);
+        std::copy(best_idx, best_idx + cn, a + cb);
+      }
+    };
+    for (int64_t row = begin; row < end; ++row) {
+      for (int64_t ow = 0; ow < OW; ++ow) {
+        pixel(row / OH, row % OH, ow);
+      }
+    }
+  });
+}
+
 template <typename scalar_t, typename idx_t>
 void forward_impl(const at::Tensor& x, const at::Tensor& out, const at::Tensor& argmax,
                   const PoolWindow<int64_t>& p) {
+  if (channels_contiguous(x) && channels_contiguous(out) && channels_contiguous(argmax)) {
+    forward_channels_contiguous<scalar_t, idx_t>(x, out, argmax, p);
+    return;
+  }
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* x_data = x.const_data_ptr<scalar_t>();
   scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
@@ -69,9 +149,113 @@ void forward_impl(const at::Tensor& x, const at::Tensor& out, const at::Tensor& 
   });
 }
 
+// The one window along a dimension that holds input index i when windows do not overlap ((kernel - 1) *
+// dilation < stride), as (output index, tap), or tap -1 when none does (i in a gap, in the padding's shadow or
+// past the last window).
+inline void window_holding(int64_t i, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation,
+                           int64_t out_size, int64_t& o, int64_t& tap) {
+  o = (i + pad) / stride;  // i + pad >= 0
+  tap = o < out_size ? tap_in_window(i, o, stride, pad, dilation) : int64_t(-1);
+  if (tap >= kernel) {
+    tap = -1;
+  }
+}
+
+// Backward for channels-contiguous tensors and windows that do not overlap (a 2x2 stride-2 pool): each input
+// pixel lies in at most one window, found once for all its channels; its gradient is that window's where the
+// argmax names it, else 0 (what max_pool2d_backward_element sums over its single window).
+template <typename scalar_t, typename idx_t>
+void backward_channels_contiguous(const at::Tensor& grad_out, const at::Tensor& argmax, const at::Tensor& grad_in,
+                                  const PoolWindow<int64_t>& p) {
+  const scalar_t* go_data = grad_out.const_data_ptr<scalar_t>();
+  const idx_t* argmax_data = argmax.const_data_ptr<idx_t>();
+  scalar_t* gi_data = grad_in.mutable_data_ptr<scalar_t>();
+  const int64_t C = grad_in.size(1), H = grad_in.size(2), W = grad_in.size(3);
+  const int64_t OH = grad_out.size(2), OW = grad_out.size(3);
+  const auto gos = grad_out.strides(), as = argmax.strides(), gis = grad_in.strides();
+  // The window of every column, once (a pixel's would cost divisions per pixel).
+  std::vector<int64_t> column_window(static_cast<size_t>(W)), column_tap(static_cast<size_t>(W));
+  for (int64_t iw = 0; iw < W; ++iw) {
+    window_holding(iw, p.kw, p.sw, p.pw, p.dw, OW, column_window[iw], column_tap[iw]);
+  }
+  // Rows of input pixels (n, ih) per work item.
+  const int64_t grain = std::max<int64_t>(1, kTapsPerChunk / std::max<int64_t>(1, W * C));
+  at::parallel_for(0, grad_in.size(0) * H, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t ih = row % H, n = row / H;
+      int64_t oh, r;
+      window_holding(ih, p.kh, p.sh, p.ph, p.dh, OH, oh, r);
+      for (int64_t iw = 0; iw < W; ++iw) {
+        // restrict: an int8 argmax is a char type, which may alias anything, and would keep the loop scalar
+        scalar_t* __restrict gi = gi_data + n * gis[0] + ih * gis[2] + iw * gis[3];
+        const int64_t ow = column_window[iw], c = column_tap[iw];
+        if (r < 0 || c < 0) {
+          std::fill(gi, gi + C, scalar_t(0));
+          continue;
+        }
+        const scalar_t* __restrict go = go_data + n * gos[0] + oh * gos[2] + ow * gos[3];
+        const idx_t* __restrict a = argmax_data + n * as[0] + oh * as[2] + ow * as[3];
+        const idx_t code = encode_argmax<idx_t>(r, c, p.kw, ih, iw, W);
+        for (int64_t j = 0; j < C; ++j) {
+          const scalar_t g = go[j];  // loaded either way: a select, not a branch, so the loop vectorises
+          gi[j] = a[j] == code ? g : scalar_t(0);
+        }
+      }
+    }
+  });
+}
+
+// The same for windows that do not overlap in any other layout: rows (n, c, ih) of grad_in, each input column's
+// window looked up in a table, every element's gradient from its single window.
+template <typename scalar_t, typename idx_t>
+void backward_rows(const at::Tensor& grad_out, const at::Tensor& argmax, const at::Tensor& grad_in,
+                   const PoolWindow<int64_t>& p) {
+  const scalar_t* go_data = grad_out.const_data_ptr<scalar_t>();
+  const idx_t* argmax_data = argmax.const_data_ptr<idx_t>();
+  scalar_t* gi_data = grad_in.mutable_data_ptr<scalar_t>();
+  const int64_t C = grad_in.size(1), H = grad_in.size(2), W = grad_in.size(3);
+  const int64_t OH = grad_out.size(2), OW = grad_out.size(3);
+  const auto gos = grad_out.strides(), as = argmax.strides(), gis = grad_in.strides();
+  std::vector<int64_t> column_window(static_cast<size_t>(W)), column_tap(static_cast<size_t>(W));
+  for (int64_t iw = 0; iw < W; ++iw) {
+    window_holding(iw, p.kw, p.sw, p.pw, p.dw, OW, column_window[iw], column_tap[iw]);
+  }
+  const int64_t grain = std::max<int64_t>(1, kTapsPerChunk / std::max<int64_t>(1, W));
+  at::parallel_for(0, grad_in.size(0) * C * H, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t ih = row % H, c = (row / H) % C, n = row / (H * C);
+      scalar_t* gi = gi_data + n * gis[0] + c * gis[1] + ih * gis[2];
+      int64_t oh, r;
+      window_holding(ih, p.kh, p.sh, p.ph, p.dh, OH, oh, r);
+      if (r < 0) {
+        for (int64_t iw = 0; iw < W; ++iw) {
+          gi[iw * gis[3]] = scalar_t(0);
+        }
+        continue;
+      }
+      const scalar_t* go = go_data + n * gos[0] + c * gos[1] + oh * gos[2];
+      const idx_t* a = argmax_data + n * as[0] + c * as[1] + oh * as[2];
+      for (int64_t iw = 0; iw < W; ++iw) {
+        const int64_t ow = column_window[iw], tap = column_tap[iw];
+        gi[iw * gis[3]] = tap >= 0 && a[ow * as[3]] == encode_argmax<idx_t>(r, tap, p.kw, ih, iw, W)
+                              ? go[ow * gos[3]]
+                              : scalar_t(0);
+      }
+    }
+  });
+}
+
 template <typename scalar_t, typename idx_t>
 void backward_impl(const at::Tensor& grad_out, const at::Tensor& argmax, const at::Tensor& grad_in,
                    const PoolWindow<int64_t>& p) {
+  if ((p.kh - 1) * p.dh < p.sh && (p.kw - 1) * p.dw < p.sw) {  // windows do not overlap
+    if (channels_contiguous(grad_out) && channels_contiguous(argmax) && channels_contiguous(grad_in)) {
+      backward_channels_contiguous<scalar_t, idx_t>(grad_out, argmax, grad_in, p);
+    } else {
+      backward_rows<scalar_t, idx_t>(grad_out, argmax, grad_in, p);
+    }
+    return;
+  }
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* go_data = grad_out.const_data_ptr<scalar_t>();
   const idx_t* argmax_data = argmax.const_data_ptr<idx_t>();
