@@ -1,10 +1,10 @@
 // CPU kernels of fastseg::ext_max_pool2d_out and fastseg::ext_max_pool2d_backward_out.
 //
 // The per-element work is the shared math in pool/max_pool_math.h; this file chooses the loop order and
-// splits the work across threads with at::parallel_for. Tensors whose channels are contiguous (channels_last)
-// take a path that walks each window once for a block of channels, the channels innermost, so the compare and
-// select run over contiguous memory (and vectorise) instead of one element at a time through the generic
-// addressing: the same taps in the same order, so the same results.
+// splits the work across threads with at::parallel_for. Two faster paths give the same results as the generic
+// per-element one: the forward of channels-contiguous (channels_last) tensors walks each window once for a block
+// of channels, the compare and select over contiguous memory (they vectorise); the backward of windows that do
+// not overlap finds each input pixel's single window once per row and column instead of per element.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -161,68 +161,54 @@ inline void window_holding(int64_t i, int64_t kernel, int64_t stride, int64_t pa
   }
 }
 
-// Backward for channels-contiguous tensors and windows that do not overlap (a 2x2 stride-2 pool): each input
-// pixel lies in at most one window, found once for all its channels; its gradient is that window's where the
-// argmax names it, else 0 (what max_pool2d_backward_element sums over its single window).
+// Backward for windows that do not overlap (a 2x2 stride-2 pool): each input pixel lies in at most one window,
+// found once per row and (through a table) per column instead of per element; its gradient is that window's
+// where the argmax names it, else 0 (what max_pool2d_backward_element sums over its single window).
+// Channels-contiguous tensors go a pixel at a time with the channels innermost (the select vectorises); the
+// others a row (n, c, ih) at a time.
 template <typename scalar_t, typename idx_t>
-void backward_channels_contiguous(const at::Tensor& grad_out, const at::Tensor& argmax, const at::Tensor& grad_in,
-                                  const PoolWindow<int64_t>& p) {
+void backward_disjoint_windows(const at::Tensor& grad_out, const at::Tensor& argmax, const at::Tensor& grad_in,
+                               const PoolWindow<int64_t>& p) {
   const scalar_t* go_data = grad_out.const_data_ptr<scalar_t>();
   const idx_t* argmax_data = argmax.const_data_ptr<idx_t>();
   scalar_t* gi_data = grad_in.mutable_data_ptr<scalar_t>();
   const int64_t C = grad_in.size(1), H = grad_in.size(2), W = grad_in.size(3);
   const int64_t OH = grad_out.size(2), OW = grad_out.size(3);
   const auto gos = grad_out.strides(), as = argmax.strides(), gis = grad_in.strides();
-  // The window of every column, once (a pixel's would cost divisions per pixel).
   std::vector<int64_t> column_window(static_cast<size_t>(W)), column_tap(static_cast<size_t>(W));
   for (int64_t iw = 0; iw < W; ++iw) {
     window_holding(iw, p.kw, p.sw, p.pw, p.dw, OW, column_window[iw], column_tap[iw]);
   }
-  // Rows of input pixels (n, ih) per work item.
-  const int64_t grain = std::max<int64_t>(1, kTapsPerChunk / std::max<int64_t>(1, W * C));
-  at::parallel_for(0, grad_in.size(0) * H, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t ih = row % H, n = row / H;
-      int64_t oh, r;
-      window_holding(ih, p.kh, p.sh, p.ph, p.dh, OH, oh, r);
-      for (int64_t iw = 0; iw < W; ++iw) {
-        // restrict: an int8 argmax is a char type, which may alias anything, and would keep the loop scalar
-        scalar_t* __restrict gi = gi_data + n * gis[0] + ih * gis[2] + iw * gis[3];
-        const int64_t ow = column_window[iw], c = column_tap[iw];
-        if (r < 0 || c < 0) {
-          std::fill(gi, gi + C, scalar_t(0));
-          continue;
-        }
-        const scalar_t* __restrict go = go_data + n * gos[0] + oh * gos[2] + ow * gos[3];
-        const idx_t* __restrict a = argmax_data + n * as[0] + oh * as[2] + ow * as[3];
-        const idx_t code = encode_argmax<idx_t>(r, c, p.kw, ih, iw, W);
-        for (int64_t j = 0; j < C; ++j) {
-          const scalar_t g = go[j];  // loaded either way: a select, not a branch, so the loop vectorises
-          gi[j] = a[j] == code ? g : scalar_t(0);
+  if (channels_contiguous(grad_out) && channels_contiguous(argmax) && channels_contiguous(grad_in)) {
+    const int64_t grain = std::max<int64_t>(1, kTapsPerChunk / std::max<int64_t>(1, W * C));
+    at::parallel_for(0, grad_in.size(0) * H, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {  // (n, ih)
+        const int64_t ih = row % H, n = row / H;
+        int64_t oh, r;
+        window_holding(ih, p.kh, p.sh, p.ph, p.dh, OH, oh, r);
+        for (int64_t iw = 0; iw < W; ++iw) {
+          // restrict: an int8 argmax is a char type, which may alias anything, and would keep the loop scalar
+          scalar_t* __restrict gi = gi_data + n * gis[0] + ih * gis[2] + iw * gis[3];
+          const int64_t ow = column_window[iw], c = column_tap[iw];
+          if (r < 0 || c < 0) {
+            std::fill(gi, gi + C, scalar_t(0));
+            continue;
+          }
+          const scalar_t* __restrict go = go_data + n * gos[0] + oh * gos[2] + ow * gos[3];
+          const idx_t* __restrict a = argmax_data + n * as[0] + oh * as[2] + ow * as[3];
+          const idx_t code = encode_argmax<idx_t>(r, c, p.kw, ih, iw, W);
+          for (int64_t j = 0; j < C; ++j) {
+            const scalar_t g = go[j];  // loaded either way: a select, not a branch, so the loop vectorises
+            gi[j] = a[j] == code ? g : scalar_t(0);
+          }
         }
       }
-    }
-  });
-}
-
-// The same for windows that do not overlap in any other layout: rows (n, c, ih) of grad_in, each input column's
-// window looked up in a table, every element's gradient from its single window.
-template <typename scalar_t, typename idx_t>
-void backward_rows(const at::Tensor& grad_out, const at::Tensor& argmax, const at::Tensor& grad_in,
-                   const PoolWindow<int64_t>& p) {
-  const scalar_t* go_data = grad_out.const_data_ptr<scalar_t>();
-  const idx_t* argmax_data = argmax.const_data_ptr<idx_t>();
-  scalar_t* gi_data = grad_in.mutable_data_ptr<scalar_t>();
-  const int64_t C = grad_in.size(1), H = grad_in.size(2), W = grad_in.size(3);
-  const int64_t OH = grad_out.size(2), OW = grad_out.size(3);
-  const auto gos = grad_out.strides(), as = argmax.strides(), gis = grad_in.strides();
-  std::vector<int64_t> column_window(static_cast<size_t>(W)), column_tap(static_cast<size_t>(W));
-  for (int64_t iw = 0; iw < W; ++iw) {
-    window_holding(iw, p.kw, p.sw, p.pw, p.dw, OW, column_window[iw], column_tap[iw]);
+    });
+    return;
   }
   const int64_t grain = std::max<int64_t>(1, kTapsPerChunk / std::max<int64_t>(1, W));
   at::parallel_for(0, grad_in.size(0) * C * H, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
+    for (int64_t row = begin; row < end; ++row) {  // (n, c, ih)
       const int64_t ih = row % H, c = (row / H) % C, n = row / (H * C);
       scalar_t* gi = gi_data + n * gis[0] + c * gis[1] + ih * gis[2];
       int64_t oh, r;
@@ -249,11 +235,7 @@ template <typename scalar_t, typename idx_t>
 void backward_impl(const at::Tensor& grad_out, const at::Tensor& argmax, const at::Tensor& grad_in,
                    const PoolWindow<int64_t>& p) {
   if ((p.kh - 1) * p.dh < p.sh && (p.kw - 1) * p.dw < p.sw) {  // windows do not overlap
-    if (channels_contiguous(grad_out) && channels_contiguous(argmax) && channels_contiguous(grad_in)) {
-      backward_channels_contiguous<scalar_t, idx_t>(grad_out, argmax, grad_in, p);
-    } else {
-      backward_rows<scalar_t, idx_t>(grad_out, argmax, grad_in, p);
-    }
+    backward_disjoint_windows<scalar_t, idx_t>(grad_out, argmax, grad_in, p);
     return;
   }
   using acc_t = at::opmath_type<scalar_t>;
