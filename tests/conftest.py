@@ -13,6 +13,7 @@ import contextlib
 import os
 
 import torch
+import torch.utils._python_dispatch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -287,3 +288,16 @@ def torch_max_pool(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
                                 return_indices=True)[1]
         idx = torch.empty_like(idx).copy_(nchw_idx)  # the indices torch gives, in the strides torch gives
     return out.to(x.dtype), idx
+
+
+class DispatchedOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """The names of the operators a block of code dispatches, in order (a custom op counts once: what it runs
+    inside is not seen)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))

@@ -28,10 +28,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastseg
-from conftest import poison_, poisoned, skip_unless_backend
+from conftest import DispatchedOps, poison_, poisoned, skip_unless_backend
 from fastseg import _backend
 from fastseg.ops.conv import reference_fused_conv2d
 
@@ -850,19 +849,6 @@ def test_conv_bn_act_eval_folds(backend):
     torch.testing.assert_close(shift, bn.bias - bn.running_mean * scale)
 
 
-class _DispatchedOps(TorchDispatchMode):
-    """The names of the operators a block of code dispatches (a custom op counts once: what it runs inside is
-    not seen)."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def _eager_conv_bn_relu(conv, bn, x, residual=None):
     """nn.Conv2d -> nn.BatchNorm2d (eval) -> (+ residual) -> ReLU, in float64: the modules' function."""
     y = F.conv2d(x.double(), conv.weight.double(), None if conv.bias is None else conv.bias.double(), conv.stride,
@@ -900,7 +886,7 @@ def test_conv_bn_act_inference_folds_once_and_follows_edits(backend, groups):
     with torch.no_grad():
         kept = block.folded_weights()
         assert block.folded_weights()[0] is kept[0] and block.folded_weights()[1] is kept[1]
-        with _DispatchedOps() as ops, fastseg.backend(backend):
+        with DispatchedOps() as ops, fastseg.backend(backend):
             block(x)
     assert ops.names == ["fastseg.fused_conv2d.default"], f"a kept fold should leave the op alone: {ops.names}"
     check("residual", torch.randn(2, conv.out_channels, 9, 7))

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 import fastseg
+from fastseg.bench import backend_context
 from fastseg.bench.harness import Case, Workload
 from fastseg.ops import conv as conv_ops
 
@@ -214,8 +215,7 @@ def conv_workload(shape: ConvShape, dtype: torch.dtype, layout: str, device: tor
                                            grad)
         return run
 
-    fastseg_context = functools.partial(fastseg.backend, backend) if backend != "auto" else contextlib.nullcontext
-    return Workload(reference=step(torch_block), fastseg=step(fused, fastseg_context),
+    return Workload(reference=step(torch_block), fastseg=step(fused, backend_context(backend)),
                     fastseg_bytes=3 * _bytes(shape, dtype),
                     check=lambda expected, actual: "; ".join(
                         filter(None, (_check(dtype, e, a) for e, a in zip(expected, actual)))),
