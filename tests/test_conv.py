@@ -443,6 +443,86 @@ def test_autotune_pruning_keeps_the_tiles_that_fit():
     assert pruned(16, 10, conv_kernels.CONFIGS[:1]) == [(128, 128)]  # nothing fits: the narrowest given
 
 
+def test_loop_order_heuristic():
+    """The implicit GEMM walks taps outside channel blocks for 1x1 convolutions and from 512 input channels."""
+    from fastseg.ops import conv_kernels
+
+    def taps_outer(c, k):
+        return conv_kernels.taps_outer(SimpleNamespace(shape=(256, c, k, k)))
+
+    assert taps_outer(2048, 3) and taps_outer(512, 3) and taps_outer(64, 1) and taps_outer(3, 1)
+    assert not taps_outer(256, 3) and not taps_outer(64, 3) and not taps_outer(3, 7)
+    with pytest.raises(ValueError, match="loop_order"):
+        conv_kernels.forward(torch.randn(1, 2, 3, 3), torch.randn(2, 2, 1, 1), None, None, None, None,
+                             torch.empty(1, 2, 3, 3), (1, 1), (0, 0), (1, 1), 1, False, False, loop_order="taps")
+
+
+@pytest.mark.parametrize("split", [1, 2, 4, 7])
+def test_loop_orders_interpreted(split):
+    """Both loop structures of the implicit GEMM, unsplit and with split-K ranges that start and end inside a
+    tap's channel blocks (45 channels: 3 blocks of 16 per tap under the interpreter, the last one partial; the
+    ranges are whole 64-channel steps, i.e. one tap each, or with 7 ranges of 9 taps some empty), into poisoned
+    outputs; the same result as the specification and, within float32 reassociation, as each other."""
+    skip_unless_backend("triton")
+    from fastseg.ops import conv_kernels
+
+    x = torch.randn(2, 45, 6, 5).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(18, 45, 3, 3) / 20
+    bias, scale, shift, residual = torch.randn(18), torch.rand(18) + 0.5, torch.randn(18), torch.randn(2, 18, 6, 5)
+    expected = _expected(x, w, bias, scale, shift, residual, 1, 2, 2, 1, "relu")
+    results = {}
+    for loop_order in ("flat", "taps_outer"):
+        out = poison_(torch.empty(2, 18, 6, 5))
+        conv_kernels.forward(x, w, bias, scale, shift, residual, out, (1, 1), (2, 2), (2, 2), 1, True, False,
+                             split=split, loop_order=loop_order)
+        _assert_close(out, expected, torch.float32, 405, what=f"{loop_order}, split {split}")
+        results[loop_order] = out
+    torch.testing.assert_close(results["flat"], results["taps_outer"], rtol=1e-5, atol=1e-5)
+
+
+def _channels_far_apart(shape, dtype):
+    """A NaN-filled (1, C, H, W) tensor whose channels lie 2**30 elements apart in one buffer: from channel 2 on,
+    a channel's offset passes 2**31, so the kernels need 64-bit offsets, with few elements (the rest of the
+    buffer is never written, so never paged in)."""
+    _, C, H, W = shape
+    buffer = torch.empty((C - 1) * 2**30 + H * W, dtype=dtype)
+    return poison_(buffer.as_strided(shape, (C * 2**30, 2**30, W, 1)))
+
+
+@pytest.mark.parametrize("case", ["flat", "taps_outer", "split", "depthwise"])
+def test_channel_offsets_past_int32(case):
+    """NCHW tensors whose channel offsets pass 2**31 (an image of more than 2**31 elements): the forward (and its
+    split-K epilogue, and the depthwise kernel) reads x and writes out there, the input gradient writes grad_x
+    there and the weight gradient reads x there, each in 64-bit offsets. With 32-bit channel offsets, channel 2
+    wraps to a negative offset."""
+    skip_unless_backend("triton")
+    from fastseg.ops import conv_backward_kernels, conv_kernels
+
+    dtype = torch.float16
+    groups = 3 if case == "depthwise" else 1
+    x = _channels_far_apart((1, 3, 5, 4), dtype)
+    x.copy_(torch.randn(x.shape))
+    w = (torch.randn(3, 3 // groups, 3, 3) / 3).to(dtype)
+    scale = torch.rand(3) + 0.5
+    out = _channels_far_apart((1, 3, 5, 4), dtype)
+    loop_order = "taps_outer" if case == "taps_outer" else "flat"
+    conv_kernels.forward(x, w, None, scale, None, None, out, (1, 1), (1, 1), (1, 1), groups, True, False,
+                         split=2 if case == "split" else 1, loop_order=loop_order)
+    _assert_close(out, _expected(x, w, None, scale, None, None, 1, 1, 1, groups, "relu"), dtype, 27)
+    if groups != 1:
+        return
+    grad_out = torch.randn(out.shape, dtype=dtype)
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    z = F.conv2d(x64, w64, None, 1, 1, 1) * scale.double().view(1, -1, 1, 1)
+    exp_x, exp_w = torch.autograd.grad(z, (x64, w64), grad_out.double() * (out > 0))
+    grad_x = _channels_far_apart(x.shape, dtype)
+    conv_backward_kernels.input_grad(grad_out, out, scale, w, grad_x, (1, 1), (1, 1), (1, 1), False)
+    _assert_close(grad_x, exp_x, dtype, 27, what="grad x")
+    grad_w = poisoned(w.shape, dtype)
+    conv_backward_kernels.weight_grad(grad_out, out, scale, x, grad_w, (1, 1), (1, 1), (1, 1), False)
+    _assert_close(grad_w, exp_w, dtype, 20, what="grad weight")
+
+
 @pytest.mark.parametrize("channels, split", [(64, 2), (70, 3), (64, 9), (19, 9)])
 @pytest.mark.parametrize("epilogue", ["none", "all"])
 def test_split_k_interpreted(channels, split, epilogue):
@@ -1117,11 +1197,12 @@ def test_gpu_every_autotune_config(dtype):
     bias, scale, shift = (torch.randn(200, device="cuda", dtype=dtype) for _ in range(3))
     expected = _expected(x, w, bias, scale, shift, None, 1, 6, 6, 1, "relu")
     for i, config in enumerate(conv_kernels.CONFIGS):
-        split = 1 + 2 * (i % 2)  # every other configuration split-K (each variant is one more compilation)
+        # every other configuration split-K, every other pair taps-outer (each variant is one more compilation)
+        split, loop_order = 1 + 2 * (i % 2), ("flat", "taps_outer")[i // 2 % 2]
         out = poison_(torch.empty(2, 200, 29, 31, device="cuda", dtype=dtype))
         conv_kernels.forward(x, w, bias, scale, shift, None, out, (1, 1), (6, 6), (6, 6), 1, True, False,
-                             conv_kernels.config_kwargs(config), split=split)
-        _assert_close(out, expected, dtype, 1440, what=f"config {config}, split {split}")
+                             conv_kernels.config_kwargs(config), split=split, loop_order=loop_order)
+        _assert_close(out, expected, dtype, 1440, what=f"config {config}, split {split}, {loop_order}")
 
 
 @pytest.mark.gpu

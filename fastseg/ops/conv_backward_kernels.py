@@ -39,7 +39,7 @@ import triton.language as tl
 
 from fastseg._backend import triton_interpreting
 from fastseg.ops._indexing import needs_int64
-from fastseg.ops.conv_kernels import GEMM_CONFIGS, _pixel_coords, autotune_bench
+from fastseg.ops.conv_kernels import GEMM_CONFIGS, _block_range, _dot, _pixel_coords, autotune_bench
 
 # The input gradient's GEMM has the forward's shape (pixels x channels, reduction over channels): its configs
 # (not yet the forward's Hopper-sized tiles, untimed for the backward).
@@ -85,15 +85,6 @@ def _grad_z_tile(g_ptr, out_ptr, scale_ptr, pix_off_g, pix_off_out, pix_ok, k, k
 
 
 @triton.jit
-def _dot(a, b, acc, FP32_INPUTS: tl.constexpr, ALLOW_TF32: tl.constexpr):
-    if FP32_INPUTS:
-        if ALLOW_TF32:
-            return tl.dot(a, b, acc, input_precision="tf32")
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc)  # float16 / bfloat16 operands, float32 accumulator
-
-
-@triton.jit
 def _first_tap(phase, PAD: tl.constexpr, KSIZE: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
                STEP: tl.constexpr):
     """The first tap t that reaches input positions i = phase (mod S), i.e. (i + PAD - t*D) divisible by S.
@@ -133,9 +124,9 @@ def _conv2d_dgrad_kernel(
     ih = phase_h + jh * SH
     iw = phase_w + jw * SW
     m_ok = (n < N) & (ih < H) & (iw < W)
-    c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = _block_range(pid_n * BLOCK_N, BLOCK_N, INDEX_64)
     c_ok = c < C
-    kk = tl.arange(0, BLOCK_K)
+    kk = _block_range(0, BLOCK_K, INDEX_64)
     # The taps reaching this phase: r = r0, r0 + STEP_H, ... (< KH); tap r0 reads output row oh0, and each next
     # one the row STEP_H*DH/SH above (STEP_H*DH is a multiple of SH).
     r0 = _first_tap(phase_h, PH, KH, SH, DH, STEP_H)
@@ -192,9 +183,9 @@ def _conv2d_wgrad_kernel(
     tap = pid_n // num_cb
     r = tap // KW
     s = tap - r * KW
-    k = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    k = _block_range(pid_m * BLOCK_M, BLOCK_M, INDEX_64)
     k_ok = k < K
-    c = (pid_n - tap * num_cb) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = _block_range((pid_n - tap * num_cb) * BLOCK_N, BLOCK_N, INDEX_64)
     c_ok = c < C
     start = chunk * CHUNK
     end = tl.minimum(start + CHUNK, N * OH * OW)

@@ -4,7 +4,8 @@ Three kernels, each writing into an output it is given (see ``forward``):
 
 - ``_conv2d_igemm_kernel`` (groups == 1): an implicit GEMM. Rows M = N*OH*OW (output pixels), columns
   Cout, reduction K = KH*KW*Cin. A program owns a ``BLOCK_M x BLOCK_N`` output tile; it walks the taps (r, s)
-  and, per tap, the input channels in ``BLOCK_K`` slices (one flat runtime loop), loading an ``[BLOCK_M, BLOCK_K]``
+  and, per tap, the input channels in ``BLOCK_K`` slices (one flat runtime loop, or with ``TAPS_OUTER`` a loop
+  over the taps around one over the channel blocks: see ``taps_outer``), loading an ``[BLOCK_M, BLOCK_K]``
   slice of the input at ``ih = oh*SH - PH + r*DH``, ``iw = ow*SW - PW + s*DW`` (masked loads give the zero
   padding) and a ``[BLOCK_K, BLOCK_N]`` slice of the weight, and accumulates their ``tl.dot`` in float32.
   The epilogue (bias, scale, shift, residual, ReLU) runs on the float32 accumulator before the single store.
@@ -110,6 +111,37 @@ def _pixel_coords(offs, OH, OW, INDEX_64: tl.constexpr):
     return n, oh, ow
 
 
+@triton.jit
+def _block_range(start, BLOCK: tl.constexpr, INDEX_64: tl.constexpr):
+    """start + [0, BLOCK): a block of channel indices, int64 with INDEX_64 (in NCHW a channel's offset c * H * W
+    passes 2**31 in an image that large, as the pixels' offsets do)."""
+    offs = start + tl.arange(0, BLOCK)
+    if INDEX_64:
+        offs = offs.to(tl.int64)
+    return offs
+
+
+@triton.jit
+def _dot(a, b, acc, FP32_INPUTS: tl.constexpr, ALLOW_TF32: tl.constexpr):
+    if FP32_INPUTS:
+        if ALLOW_TF32:
+            return tl.dot(a, b, acc, input_precision="tf32")
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)  # float16 / bfloat16 operands, float32 accumulator
+
+
+@triton.jit
+def _igemm_step(acc, x_rows, rows_ok, w_cols, cols_ok, c, C, sxc, swc, FP32_INPUTS: tl.constexpr,
+                ALLOW_TF32: tl.constexpr):
+    """acc += x[rows, c] @ w[c, cols] for one tap: x_rows [BLOCK_M] pointers to the rows' input pixels at this tap
+    (rows_ok: inside the image), w_cols [1, BLOCK_N] pointers to the columns' weights at this tap, c [BLOCK_K]
+    input channels (past C: zero)."""
+    c_ok = c < C
+    a = tl.load(x_rows[:, None] + c[None, :] * sxc, mask=rows_ok[:, None] & c_ok[None, :], other=0.0)
+    b = tl.load(w_cols + c[:, None] * swc, mask=c_ok[:, None] & cols_ok[None, :], other=0.0)
+    return _dot(a, b, acc, FP32_INPUTS, ALLOW_TF32)
+
+
 # Sizes and the window are not specialized on (Triton would compile a kernel per pattern of "== 1" and
 # "divisible by 16" among them, i.e. per layer shape); the strides are, for the alignment of vector loads.
 @triton.jit(do_not_specialize=["N", "H", "W", "OH", "OW", "KH", "KW", "SH", "SW", "PH", "PW", "DH", "DW",
@@ -125,7 +157,7 @@ def _conv2d_igemm_kernel(
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, SPLIT: tl.constexpr,
     FP32_INPUTS: tl.constexpr, ALLOW_TF32: tl.constexpr, INDEX_64: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TAPS_OUTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # C: input channels, K: output channels (the GEMM's N dimension). The window (KH, KW, stride, padding,
     # dilation) is runtime: the loop below walks the taps at run time anyway, and constants would compile a
@@ -138,16 +170,14 @@ def _conv2d_igemm_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
     n, oh, ow = _pixel_coords(offs_m, OH, OW, INDEX_64)
-    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    co = _block_range(pid_n * BLOCK_N, BLOCK_N, INDEX_64)
     co_ok = co < K
-    ci = tl.arange(0, BLOCK_K)
+    ci = _block_range(0, BLOCK_K, INDEX_64)
     ih0 = oh * SH - PH
     iw0 = ow * SW - PW
     x_pix = x_ptr + n * sxn
     w_co = w_ptr + co[None, :] * swk
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    # One flat loop over (tap, channel block), channel blocks fastest: a single loop that Triton can software-
-    # pipeline whatever the channel count (a 64-channel layer has one channel block per tap).
     num_cb = tl.cdiv(C, BLOCK_K)
     steps = KH * KW * num_cb
     first = 0
@@ -155,25 +185,35 @@ def _conv2d_igemm_kernel(
         # SPLIT_CHANNELS is a multiple of every configuration's BLOCK_K; ranges past the last step sum nothing.
         first = tl.program_id(2) * (SPLIT_CHANNELS // BLOCK_K)
         steps = tl.minimum(steps, first + SPLIT_CHANNELS // BLOCK_K)
-    for it in range(first, steps):
-        tap = it // num_cb
-        c = (it - tap * num_cb) * BLOCK_K + ci
-        r = tap // KW
-        s = tap - r * KW
-        ih = ih0 + r * DH
-        iw = iw0 + s * DW
-        ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        c_ok = c < C
-        a = tl.load((x_pix + ih * sxh + iw * sxw)[:, None] + c[None, :] * sxc,
-                    mask=ok[:, None] & c_ok[None, :], other=0.0)
-        b = tl.load(w_co + r * swh + s * sww + c[:, None] * swc, mask=c_ok[:, None] & co_ok[None, :], other=0.0)
-        if FP32_INPUTS:
-            if ALLOW_TF32:
-                acc = tl.dot(a, b, acc, input_precision="tf32")
-            else:
-                acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)  # float16 / bfloat16 operands, float32 accumulator
+    if TAPS_OUTER:
+        # Taps outer, channel blocks inner: the rows' input offsets and padding mask are computed once per tap,
+        # and a step of the inner loop only moves along the channels (in sm_90 SASS, half the instructions per
+        # step of the flat loop below). Triton drains its software pipeline at the end of each inner loop, so
+        # this pays where a tap has many channel blocks (see taps_outer).
+        for tap in range(first // num_cb, tl.cdiv(steps, num_cb)):
+            r = tap // KW
+            s = tap - r * KW
+            ih = ih0 + r * DH
+            iw = iw0 + s * DW
+            ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x_tap = x_pix + ih * sxh + iw * sxw
+            w_tap = w_co + r * swh + s * sww
+            for cb in range(tl.maximum(first - tap * num_cb, 0), tl.minimum(steps - tap * num_cb, num_cb)):
+                c = cb * BLOCK_K + ci
+                acc = _igemm_step(acc, x_tap, ok, w_tap, co_ok, c, C, sxc, swc, FP32_INPUTS, ALLOW_TF32)
+    else:
+        # One flat loop over (tap, channel block), channel blocks fastest: a single loop that Triton can software-
+        # pipeline whatever the channel count (a 64-channel layer has one channel block per tap).
+        for it in range(first, steps):
+            tap = it // num_cb
+            c = (it - tap * num_cb) * BLOCK_K + ci
+            r = tap // KW
+            s = tap - r * KW
+            ih = ih0 + r * DH
+            iw = iw0 + s * DW
+            ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            acc = _igemm_step(acc, x_pix + ih * sxh + iw * sxw, ok, w_co + r * swh + s * sww, co_ok, c, C, sxc, swc,
+                              FP32_INPUTS, ALLOW_TF32)
     if SPLIT:
         ws = ws_ptr + tl.program_id(2).to(tl.int64) * M * K
         if INDEX_64:
@@ -204,7 +244,8 @@ def prune_configs(configs, named_args, **kwargs):
     return fits or [min(configs, key=lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"]))]
 
 
-_conv2d_igemm_tuned = triton.autotune(configs=CONFIGS, key=_AUTOTUNE_KEY + ["SPLIT"], do_bench=autotune_bench,
+_conv2d_igemm_tuned = triton.autotune(configs=CONFIGS, key=_AUTOTUNE_KEY + ["SPLIT", "TAPS_OUTER"],
+                                      do_bench=autotune_bench,
                                       prune_configs_by={"early_config_prune": prune_configs})(_conv2d_igemm_kernel)
 
 
@@ -227,7 +268,7 @@ def _epilogue_kernel(
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
     n, oh, ow = _pixel_coords(offs_m, OH, OW, INDEX_64)
-    co = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    co = _block_range(tl.program_id(1) * BLOCK_N, BLOCK_N, INDEX_64)
     co_ok = co < K
     ws = ws_ptr + (n * swn + oh * swh + ow * sww)[:, None] + co[None, :] * swc
     mask = m_ok[:, None] & co_ok[None, :]
@@ -261,7 +302,7 @@ def _conv2d_depthwise_kernel(
     offs_m = pid_m * BLOCK_P + tl.arange(0, BLOCK_P)
     m_ok = offs_m < M
     n, oh, ow = _pixel_coords(offs_m, OH, OW, INDEX_64)
-    co = pid_n * BLOCK_C + tl.arange(0, BLOCK_C)
+    co = _block_range(pid_n * BLOCK_C, BLOCK_C, INDEX_64)
     co_ok = co < K
     cin = co // MULT
     ih0 = oh * SH - PH
@@ -308,8 +349,19 @@ def split_ranges(weight, split: int) -> tuple[int, int]:
     return triton.cdiv(steps, per_range), per_range * _SPLIT_STEP_CHANNELS
 
 
+def taps_outer(weight) -> bool:
+    """Whether the implicit GEMM walks the taps in an outer loop and the channel blocks of each in an inner one
+    (``TAPS_OUTER``) rather than both in one flat loop: for a 1x1 convolution (a single tap: nothing to drain), and
+    from 512 input channels (8 or more steps of 64 channels per tap). In sm_90 SASS (Triton 3.6, 128x256x64
+    tile) a step of the inner loop is 134 instructions against the flat loop's 286, which at 8 warps per program
+    is about as many issue cycles as the tensor cores need for the step; the software pipeline drains and refills
+    at each tap, a cost that shrinks with the steps per tap. GPU timings set this threshold."""
+    _, C, KH, KW = weight.shape
+    return KH * KW == 1 or C >= 8 * _SPLIT_STEP_CHANNELS
+
+
 def forward(x, weight, bias, scale, shift, residual, out, stride, padding, dilation, groups, relu, allow_tf32,
-            config=None, split=None) -> None:
+            config=None, split=None, loop_order=None) -> None:
     """Write act((conv2d(x, weight) + bias) * scale + shift + residual) into ``out``, every element of it.
 
     ``x`` (N, C, H, W), ``weight`` (K, C/groups, KH, KW), ``out`` and ``residual`` (N, K, OH, OW), bias, scale
@@ -318,7 +370,8 @@ def forward(x, weight, bias, scale, shift, residual, out, stride, padding, dilat
     (and optionally num_warps / num_stages) to bypass autotuning, e.g. one of ``CONFIGS``' kwargs (tests).
     ``split``: the number of reduction ranges of the implicit GEMM (default :func:`reduction_split`'s; at most
     one per reduction step of 64 channels); above 1 their float32 partial sums go to a workspace that a second
-    kernel sums in order and finishes with the epilogue.
+    kernel sums in order and finishes with the epilogue. ``loop_order``: "taps_outer" or "flat" (default
+    :func:`taps_outer`'s choice), the implicit GEMM's loop structure.
     """
     if out.numel() == 0:
         return
@@ -346,8 +399,11 @@ def forward(x, weight, bias, scale, shift, residual, out, stride, padding, dilat
         return
     splits, split_channels = split_ranges(weight, reduction_split(x, weight, out) if split is None else split)
     workspace = torch.empty((splits, M, K), dtype=torch.float32, device=x.device) if splits > 1 else dummy
+    if loop_order not in (None, "taps_outer", "flat"):
+        raise ValueError(f"loop_order must be None, 'taps_outer' or 'flat', not {loop_order!r}")
     common.update(FP32_INPUTS=x.dtype == torch.float32, ALLOW_TF32=bool(allow_tf32) and x.dtype == torch.float32,
-                  SPLIT=splits > 1)
+                  SPLIT=splits > 1,
+                  TAPS_OUTER=taps_outer(weight) if loop_order is None else loop_order == "taps_outer")
     if splits > 1:  # the epilogue kernel applies it: one compiled split kernel serves every epilogue
         common.update({flag: False for flag in epilogue})
     common["INDEX_64"] = common["INDEX_64"] or (splits > 1 and needs_int64(workspace))
