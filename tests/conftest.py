@@ -151,6 +151,15 @@ def nan_filled():
         yield
 
 
+def channels_far_apart(shape, dtype):
+    """A poisoned (1, C, H, W) tensor whose channels lie 2**30 elements apart in one buffer: from channel 2 on, a
+    channel's offset passes 2**31, as in an image of more than 2**31 elements, so kernels need 64-bit offsets,
+    with few elements (the rest of the buffer is never written, so never paged in)."""
+    _, C, H, W = shape
+    buffer = torch.empty((C - 1) * 2**30 + H * W, dtype=dtype)
+    return poison_(buffer.as_strided(shape, (C * 2**30, 2**30, W, 1)))
+
+
 def poisoned(shape, dtype, device="cpu", layout="nchw"):
     """A freshly poisoned (N, C, H, W) output in the given layout ("nchw", "channels_last" or "strided", the
     last a non-contiguous view into a larger buffer whose other elements are poisoned too)."""

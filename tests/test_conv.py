@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastseg
-from conftest import DispatchedOps, poison_, poisoned, skip_unless_backend
+from conftest import DispatchedOps, channels_far_apart, poison_, poisoned, skip_unless_backend
 from fastseg import _backend
 from fastseg.ops.conv import reference_fused_conv2d
 
@@ -480,18 +480,9 @@ def test_loop_orders_interpreted(split):
     torch.testing.assert_close(results["flat"], results["taps_outer"], rtol=1e-5, atol=1e-5)
 
 
-def _channels_far_apart(shape, dtype):
-    """A NaN-filled (1, C, H, W) tensor whose channels lie 2**30 elements apart in one buffer: from channel 2 on,
-    a channel's offset passes 2**31, so the kernels need 64-bit offsets, with few elements (the rest of the
-    buffer is never written, so never paged in)."""
-    _, C, H, W = shape
-    buffer = torch.empty((C - 1) * 2**30 + H * W, dtype=dtype)
-    return poison_(buffer.as_strided(shape, (C * 2**30, 2**30, W, 1)))
-
-
 @pytest.mark.parametrize("case", ["flat", "taps_outer", "split", "depthwise"])
 def test_channel_offsets_past_int32(case):
-    """NCHW tensors whose channel offsets pass 2**31 (an image of more than 2**31 elements): the forward (and its
+    """NCHW tensors whose channel offsets pass 2**31 (conftest.channels_far_apart): the forward (and its
     split-K epilogue, and the depthwise kernel) reads x and writes out there, the input gradient writes grad_x
     there and the weight gradient reads x there, each in 64-bit offsets. With 32-bit channel offsets, channel 2
     wraps to a negative offset."""
@@ -500,11 +491,11 @@ def test_channel_offsets_past_int32(case):
 
     dtype = torch.float16
     groups = 3 if case == "depthwise" else 1
-    x = _channels_far_apart((1, 3, 5, 4), dtype)
+    x = channels_far_apart((1, 3, 5, 4), dtype)
     x.copy_(torch.randn(x.shape))
     w = (torch.randn(3, 3 // groups, 3, 3) / 3).to(dtype)
     scale = torch.rand(3) + 0.5
-    out = _channels_far_apart((1, 3, 5, 4), dtype)
+    out = channels_far_apart((1, 3, 5, 4), dtype)
     loop_order = "taps_outer" if case == "taps_outer" else "flat"
     conv_kernels.forward(x, w, None, scale, None, None, out, (1, 1), (1, 1), (1, 1), groups, True, False,
                          split=2 if case == "split" else 1, loop_order=loop_order)
@@ -515,7 +506,7 @@ def test_channel_offsets_past_int32(case):
     x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
     z = F.conv2d(x64, w64, None, 1, 1, 1) * scale.double().view(1, -1, 1, 1)
     exp_x, exp_w = torch.autograd.grad(z, (x64, w64), grad_out.double() * (out > 0))
-    grad_x = _channels_far_apart(x.shape, dtype)
+    grad_x = channels_far_apart(x.shape, dtype)
     conv_backward_kernels.input_grad(grad_out, out, scale, w, grad_x, (1, 1), (1, 1), (1, 1), False)
     _assert_close(grad_x, exp_x, dtype, 27, what="grad x")
     grad_w = poisoned(w.shape, dtype)

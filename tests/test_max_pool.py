@@ -25,6 +25,7 @@ from conftest import (
     INT_SENTINEL,
     LAYOUTS,
     assert_same,
+    channels_far_apart,
     extension_available,
     make_input,
     pair,
@@ -968,6 +969,28 @@ def test_extension_float64_bf16_kernels():
         x = make_input((2, 3, 7, 9), dtype, "ties")
         _, am, idx = kernel_forward_case(fwd, x, 3, 2, 1, 1, True, torch.int64, "nchw")
         kernel_backward_case(bwd, am, idx, x, 3, 2, 1, 1, "strided")
+
+
+@pytest.mark.parametrize("impl", ["triton", "extension"])
+def test_kernels_offsets_past_int32(impl):
+    """NCHW tensors whose channel offsets pass 2**31 (conftest.channels_far_apart), float16 with int8 window
+    offsets: the forward reads x and writes out and argmax there, the backward writes grad_in there, each in
+    64-bit offsets (32-bit channel offsets wrap past channel 1). The same values, argmax and gradient as torch."""
+    fwd, bwd = _kernel_impl(impl)
+    k, s, p, d = norm_args(2, 2, 0, 1)
+    x = channels_far_apart((1, 3, 7, 5), torch.float16)
+    x.copy_(make_input((1, 3, 7, 5), torch.float16, "ties"))
+    exp_out, exp_idx = torch_max_pool(x, k, s, p, d, True)
+    out = channels_far_apart(exp_out.shape, torch.float16)
+    am = channels_far_apart(exp_out.shape, torch.int8)
+    fwd(x, out, am, k, s, p, d)
+    assert_same(out, exp_out, "out")
+    assert_same(am, window_offsets_from_indices(exp_idx, k, s, p, d, 5).to(torch.int8), "argmax")
+    g = torch.randn(exp_out.shape).to(torch.float16)
+    expected = torch.zeros(1, 3, 35, dtype=torch.float16).scatter_(2, exp_idx.reshape(1, 3, -1), g.reshape(1, 3, -1))
+    grad_in = channels_far_apart(x.shape, torch.float16)
+    bwd(g, am, grad_in, k, s, p, d)
+    assert_same(grad_in, expected.view(1, 3, 7, 5), "grad_in")
 
 
 # --- unpool kernels (Triton only: the extension has no unpool) --------------------------------------------------
