@@ -444,17 +444,15 @@ def test_autotune_pruning_keeps_the_tiles_that_fit():
 
 
 def test_loop_order_heuristic():
-    """The implicit GEMM walks taps outside channel blocks for 1x1 convolutions and from 512 input channels."""
-    from fastseg.ops import conv_kernels
+    """The forward's implicit GEMM walks taps outside channel blocks for 1x1 convolutions and from 512 input
+    channels."""
+    from fastseg.ops.conv_kernels import taps_outer
 
-    def taps_outer(c, k):
-        return conv_kernels.taps_outer(SimpleNamespace(shape=(256, c, k, k)))
-
-    assert taps_outer(2048, 3) and taps_outer(512, 3) and taps_outer(64, 1) and taps_outer(3, 1)
-    assert not taps_outer(256, 3) and not taps_outer(64, 3) and not taps_outer(3, 7)
+    assert taps_outer(2048, 9) and taps_outer(512, 9) and taps_outer(64, 1) and taps_outer(3, 1)
+    assert not taps_outer(256, 9) and not taps_outer(64, 9) and not taps_outer(3, 49)
+    assert taps_outer(3, 49, "taps_outer") and not taps_outer(2048, 9, "flat")
     with pytest.raises(ValueError, match="loop_order"):
-        conv_kernels.forward(torch.randn(1, 2, 3, 3), torch.randn(2, 2, 1, 1), None, None, None, None,
-                             torch.empty(1, 2, 3, 3), (1, 1), (0, 0), (1, 1), 1, False, False, loop_order="taps")
+        taps_outer(64, 9, "taps")
 
 
 @pytest.mark.parametrize("split", [1, 2, 4, 7])

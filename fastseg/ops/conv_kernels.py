@@ -349,15 +349,24 @@ def split_ranges(weight, split: int) -> tuple[int, int]:
     return triton.cdiv(steps, per_range), per_range * _SPLIT_STEP_CHANNELS
 
 
-def taps_outer(weight) -> bool:
-    """Whether the implicit GEMM walks the taps in an outer loop and the channel blocks of each in an inner one
-    (``TAPS_OUTER``) rather than both in one flat loop: for a 1x1 convolution (a single tap: nothing to drain), and
-    from 512 input channels (8 or more steps of 64 channels per tap). In sm_90 SASS (Triton 3.6, 128x256x64
-    tile) a step of the inner loop is 134 instructions against the flat loop's 286, which at 8 warps per program
-    is about as many issue cycles as the tensor cores need for the step; the software pipeline drains and refills
-    at each tap, a cost that shrinks with the steps per tap. GPU timings set this threshold."""
-    _, C, KH, KW = weight.shape
-    return KH * KW == 1 or C >= 8 * _SPLIT_STEP_CHANNELS
+def taps_outer(channels: int, taps: int, loop_order: str | None = None) -> bool:
+    """Whether the forward's implicit GEMM, reducing over ``taps`` x ``channels``, walks the taps in an outer loop
+    and the channel blocks of each in an inner one (``TAPS_OUTER``) rather than both in one flat loop.
+
+    By default (``loop_order`` None): for a single tap (1x1: nothing to drain) and from 512 channels (8 or more
+    steps of 64 per tap). From sm_90 SASS (Triton 3.6, bf16, BLOCK_K 64): a step of the flat loop is 259
+    instructions at a 128x128 tile (286 at 128x256), of the inner loop 120 (134). With two 128x128 programs of
+    8 warps per SM, the flat loop's steps take about as many issue cycles (~1000) as the tensor cores need for
+    them, the inner loop's half. But the software pipeline drains and refills at each tap, a cost that shrinks
+    with the steps per tap. GPU timings set this threshold. ``loop_order`` "taps_outer" or "flat" forces one
+    (tests). The input gradient's kernel keeps its flat loop: there the grad_z tile's loads, ReLU mask and scale
+    dominate a step, and taps outside would save only 420 -> 363 instructions per step while raising its registers
+    from 151 to 221."""
+    if loop_order is None:
+        return taps == 1 or channels >= 8 * _SPLIT_STEP_CHANNELS
+    if loop_order not in ("taps_outer", "flat"):
+        raise ValueError(f"loop_order must be None, 'taps_outer' or 'flat', not {loop_order!r}")
+    return loop_order == "taps_outer"
 
 
 def forward(x, weight, bias, scale, shift, residual, out, stride, padding, dilation, groups, relu, allow_tf32,
@@ -370,8 +379,8 @@ def forward(x, weight, bias, scale, shift, residual, out, stride, padding, dilat
     (and optionally num_warps / num_stages) to bypass autotuning, e.g. one of ``CONFIGS``' kwargs (tests).
     ``split``: the number of reduction ranges of the implicit GEMM (default :func:`reduction_split`'s; at most
     one per reduction step of 64 channels); above 1 their float32 partial sums go to a workspace that a second
-    kernel sums in order and finishes with the epilogue. ``loop_order``: "taps_outer" or "flat" (default
-    :func:`taps_outer`'s choice), the implicit GEMM's loop structure.
+    kernel sums in order and finishes with the epilogue. ``loop_order``: None (:func:`taps_outer` decides),
+    "taps_outer" or "flat": the implicit GEMM's loop structure.
     """
     if out.numel() == 0:
         return
@@ -399,11 +408,9 @@ def forward(x, weight, bias, scale, shift, residual, out, stride, padding, dilat
         return
     splits, split_channels = split_ranges(weight, reduction_split(x, weight, out) if split is None else split)
     workspace = torch.empty((splits, M, K), dtype=torch.float32, device=x.device) if splits > 1 else dummy
-    if loop_order not in (None, "taps_outer", "flat"):
-        raise ValueError(f"loop_order must be None, 'taps_outer' or 'flat', not {loop_order!r}")
     common.update(FP32_INPUTS=x.dtype == torch.float32, ALLOW_TF32=bool(allow_tf32) and x.dtype == torch.float32,
                   SPLIT=splits > 1,
-                  TAPS_OUTER=taps_outer(weight) if loop_order is None else loop_order == "taps_outer")
+                  TAPS_OUTER=taps_outer(C, KH * KW, loop_order))
     if splits > 1:  # the epilogue kernel applies it: one compiled split kernel serves every epilogue
         common.update({flag: False for flag in epilogue})
     common["INDEX_64"] = common["INDEX_64"] or (splits > 1 and needs_int64(workspace))
