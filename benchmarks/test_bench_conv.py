@@ -77,3 +77,38 @@ def test_training_rows_run_the_triton_backward_under_its_backend(tmp_path):
     assert results["triton"]["calls"] == ["forward", "input_grad", "weight_grad"], results
     assert results["auto"]["calls"] == [], results
     assert all(r["note"].startswith("max rel diff") for r in results.values()), results
+
+
+LOOP_ORDERS = r"""
+import json, torch
+from fastseg.bench import conv
+from fastseg.ops import conv_kernels
+
+orders = []
+kernel = conv_kernels.forward
+conv_kernels.forward = lambda *a, **kw: orders.append(kw.get("loop_order")) or kernel(*a, **kw)
+shape = conv.ConvShape("tiny", 1, 8, 8, 9, dilation=2)
+workload = conv.conv_workload(shape, torch.float32, "channels_last", torch.device("cpu"), conv.EAGER, False,
+                              loop_orders=True)
+note = workload.check(workload.reference(), workload.fastseg())
+print(json.dumps({"orders": sorted(set(orders)), "note": note}))
+"""
+
+
+def test_target_rows_time_both_loop_orders(tmp_path):
+    """The target forward rows' notes give the Triton kernel's time in each loop order of its implicit GEMM (the
+    data behind conv_kernels.taps_outer), the default marked. Under Triton's interpreter, in a child process."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(conv.__file__).parents[2]), env.get("PYTHONPATH")]))
+    script = tmp_path / "loop_orders.py"
+    script.write_text(LOOP_ORDERS)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["orders"] == ["flat", "taps_outer"], result
+    assert "; Triton kernel alone: taps-outer " in result["note"], result
+    assert " ms, flat " in result["note"] and result["note"].endswith(" ms (default)"), result  # 8 channels: flat
+    timed = [case for case in conv.cases(torch.device("cuda"), [torch.bfloat16], quick=False)
+             if case.setup.keywords.get("loop_orders")]
+    assert {case.setup.args[0] for case in timed} == conv.TARGETS and all(case.target for case in timed)

@@ -344,6 +344,10 @@ def test_auto_keeps_the_fastest_implementation_per_problem(monkeypatch):
     third = (x, w, None, None, None, None, (1, 1), [3, 3, 3, 3], (3, 3), 1, "relu")
     assert conv_ops._auto_impl(*third) == "triton" and len(calls) == 9
     assert set(conv_ops.auto_choices().values()) == {"cudnn", "cudnn_fused", "triton"}
+    assert list(conv_ops.auto_timings().values()) == [{"triton": 2.0, "cudnn": 1.0, "cudnn_fused": 1.5},
+                                                      {"triton": 2.0, "cudnn": 3.0, "cudnn_fused": 1.5},
+                                                      {"triton": 2.0, "cudnn": 3.0, "cudnn_fused": 4.0}]
+    assert conv_ops.auto_timings().keys() == conv_ops.auto_choices().keys()
     no_relu = (x, w, None, None, None, None, (1, 1), [1, 1, 1, 1], (1, 1), 1, None)
     assert conv_ops._auto_impl(*no_relu) == "triton" and calls[9:] == ["triton", "cudnn"]  # no fusion to time
     class CompilationError(Exception):  # as Triton's: not a RuntimeError
@@ -353,6 +357,7 @@ def test_auto_keeps_the_fastest_implementation_per_problem(monkeypatch):
     timings["cudnn"] = 1.0
     with pytest.warns(RuntimeWarning, match="triton implementation failed.*no kernel for this"):
         assert conv_ops._auto_impl(x, w, None, None, None, None, (1, 1), [0, 0, 0, 0], (1, 1), 1, None) == "cudnn"
+    assert list(conv_ops.auto_timings().values())[-1] == {"cudnn": 1.0}  # what failed has no time
     timings["cudnn"] = timings["cudnn_fused"] = RuntimeError("cudnn too")
     with pytest.raises(CompilationError, match="no kernel for this"):
         conv_ops._auto_impl(x, w, None, None, None, None, (2, 2), [0, 0, 0, 0], (1, 1), 1, "relu")

@@ -17,8 +17,9 @@ Passes:
 
 The first fastseg call of each forward case on CUDA (Triton compilation and autotuning, and under "auto" the
 timing of the Triton kernel against cuDNN with the BatchNorm folded; cached per shape afterwards) is timed
-apart and reported in the notes, with the implementation "auto" kept (``--backends triton`` times the Triton
-kernel alone). TFLOP/s counts the convolution's 2*N*K*OH*OW*C*kh*kw
+apart and reported in the notes, with the implementation "auto" kept and the candidates' times it chose by
+(``--backends triton`` times the Triton kernel alone). The target forward rows' notes also time the Triton
+kernel alone in each loop order of its implicit GEMM (conv_kernels.taps_outer: the threshold is set from them). TFLOP/s counts the convolution's 2*N*K*OH*OW*C*kh*kw
 floating-point operations (three times that for train_step: forward, input gradient, weight gradient).
 On a CPU only a tiny smoke set runs, against eager only.
 """
@@ -124,7 +125,8 @@ def cases(device: torch.device, dtypes: Sequence[torch.dtype], quick: bool) -> l
                     found.append(Case(op="fused_conv2d", case=label, dtype=dtype, layout=layout,
                                       pass_="forward", reference=reference,
                                       setup=functools.partial(conv_workload, shape, dtype, layout, device,
-                                                              reference, False), target=target))
+                                                              reference, False, loop_orders=target),
+                                      target=target))
         for shape in train:
             for backend in ("auto", "triton"):
                 label = shape.label() + ", training" + (TRITON_BACKWARD if backend == "triton" else "")
@@ -162,10 +164,11 @@ def _block(shape: ConvShape, dtype: torch.dtype, device: torch.device, layout: s
 
 
 def conv_workload(shape: ConvShape, dtype: torch.dtype, layout: str, device: torch.device, reference: str,
-                  training: bool, backend: str = "auto") -> Workload:
+                  training: bool, backend: str = "auto", loop_orders: bool = False) -> Workload:
     """The case's callables; ``backend`` "triton" runs fastseg's side (a training step here) under
     fastseg.backend("triton"): the Triton forward and backward kernels instead of "auto"'s choice and cuDNN's
-    backward."""
+    backward. ``loop_orders`` (a forward case): the check also times the Triton kernel alone in each loop order
+    of its implicit GEMM, into the notes."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     torch_block, fused = _block(shape, dtype, device, layout)
@@ -192,13 +195,17 @@ def conv_workload(shape: ConvShape, dtype: torch.dtype, layout: str, device: tor
                 return _timed(lambda: fused(x), device, first_call_ms)
 
         def check(expected, actual):
-            note = _check(dtype, expected, actual)
-            chosen = sorted({impl for key, impl in conv_ops.auto_choices().items() if key not in problems_before})
-            if chosen:  # "auto" timed the Triton kernel against cuDNN (affine folded) and kept the fastest
-                note += f"; auto ran {' + '.join(AUTO_NAMES[impl] for impl in chosen)}"
-            if device.type != "cuda" or not first_call_ms:
-                return note
-            return note + f"; first call {first_call_ms[0]:.0f} ms (compile + autotune)"
+            notes = [_check(dtype, expected, actual)]
+            timings = conv_ops.auto_timings()
+            for key, impl in conv_ops.auto_choices().items():
+                if key not in problems_before:  # "auto" timed the Triton kernel against cuDNN and kept the fastest
+                    timed = ", ".join(f"{name} {ms:.3g}" for name, ms in timings.get(key, {}).items())
+                    notes.append(f"auto ran {AUTO_NAMES[impl]} (timed: {timed} ms)")
+            if device.type == "cuda" and first_call_ms:
+                notes.append(f"first call {first_call_ms[0]:.0f} ms (compile + autotune)")
+            if loop_orders:
+                notes.append(_loop_order_note(fused, x, device))
+            return "; ".join(notes)
 
         return Workload(reference=reference_fn, fastseg=fastseg_fn, fastseg_bytes=_bytes(shape, dtype),
                         check=check, fastseg_flops=shape.flops())
@@ -220,6 +227,35 @@ def conv_workload(shape: ConvShape, dtype: torch.dtype, layout: str, device: tor
                     check=lambda expected, actual: "; ".join(
                         filter(None, (_check(dtype, e, a) for e, a in zip(expected, actual)))),
                     fastseg_flops=3 * shape.flops())
+
+
+def _loop_order_note(fused: fastseg.nn.ConvBNAct, x: torch.Tensor, device: torch.device) -> str:
+    """The Triton kernel alone (the block's BatchNorm as its scale and shift, ReLU) in each loop order of its
+    implicit GEMM, the default (conv_kernels.taps_outer) marked: the measurements that set that threshold. Each
+    order's first call compiles and autotunes it; the timing is the harness's."""
+    from fastseg.bench.harness import time_ms
+    from fastseg.ops import conv_kernels
+
+    conv, bn = fused.conv, fused.bn
+    scale = bn.weight.float() / torch.sqrt(bn.running_var.float() + bn.eps)
+    shift = bn.bias.float() - bn.running_mean.float() * scale
+    N, C, H, W = x.shape
+    K, _, KH, KW = conv.weight.shape
+    OH, OW = conv_ops.output_size(H, W, (KH, KW), conv.stride, [*conv.padding, *conv.padding], conv.dilation)
+    out = torch.empty((N, K, OH, OW), dtype=x.dtype, device=device, memory_format=torch.channels_last)
+    default = "taps_outer" if conv_kernels.taps_outer(C, KH * KW) else "flat"
+    times = {}
+    for order in ("taps_outer", "flat"):
+        def run(order=order):
+            conv_kernels.forward(x, conv.weight, conv.bias, scale, shift, None, out, conv.stride, conv.padding,
+                                 conv.dilation, conv.groups, True, conv_ops._allow_tf32(), loop_order=order)
+
+        with torch.no_grad():
+            run()
+            times[order] = time_ms(run, device)
+    return "Triton kernel alone: " + ", ".join(
+        f"{order.replace('_', '-')} {ms:.3g} ms" + (" (default)" if order == default else "")
+        for order, ms in times.items())
 
 
 def _timed(fn, device: torch.device, record: list[float]):

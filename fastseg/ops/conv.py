@@ -303,12 +303,20 @@ def folded_conv2d(x: Tensor, weight: Tensor, bias, scale, shift, residual, strid
 
 # problem key -> "triton", "cudnn" or "cudnn_fused", the implementation "auto" runs for it on CUDA
 _auto_choices: dict[tuple, str] = {}
+# problem key -> {candidate: its mean time in ms} from the timing that made the choice
+_auto_timings: dict[tuple, dict[str, float]] = {}
 _AUTO_TIMING_CALLS = 5
 
 
 def auto_choices() -> dict[tuple, str]:
     """What "auto" chose per problem so far (key: x's shape, dtype, layout, then the op's parameters)."""
     return dict(_auto_choices)
+
+
+def auto_timings() -> dict[tuple, dict[str, float]]:
+    """The times behind those choices: per problem (auto_choices' keys), each candidate that ran and its mean time
+    in ms over a few calls (the benchmark reports them: the Triton kernel's time also where cuDNN won)."""
+    return {key: dict(times) for key, times in _auto_timings.items()}
 
 
 def _problem_key(x, weight, bias, scale, shift, residual, stride, padding4, dilation, groups, activation) -> tuple:
@@ -359,6 +367,7 @@ def _auto_impl(x, weight, bias, scale, shift, residual, stride, padding4, dilati
     for name, error in errors.items():
         warnings.warn(f"fastseg.fused_conv2d: the {name} implementation failed for this problem and is not used "
                       f"by backend 'auto': {str(error).splitlines()[0]}", RuntimeWarning, stacklevel=3)
+    _auto_timings[key] = times
     choice = _auto_choices[key] = min(times, key=times.get)
     return choice
 
