@@ -112,3 +112,16 @@ def test_target_rows_time_both_loop_orders(tmp_path):
     timed = [case for case in conv.cases(torch.device("cuda"), [torch.bfloat16], quick=False)
              if case.setup.keywords.get("loop_orders")]
     assert {case.setup.args[0] for case in timed} == conv.TARGETS and all(case.target for case in timed)
+
+
+def test_auto_summary(monkeypatch):
+    """What "auto" chose for the problems timed since a snapshot of its choices: counts and summed times."""
+    from fastseg.ops import conv as conv_ops
+
+    monkeypatch.setattr(conv_ops, "_auto_choices", {"a": "cudnn", "b": "triton", "c": "cudnn_fused"})
+    monkeypatch.setattr(conv_ops, "_auto_timings", {"a": {"triton": 2.0, "cudnn": 1.0, "cudnn_fused": 3.0},
+                                                    "b": {"triton": 0.5, "cudnn": 0.75},
+                                                    "c": {"triton": 4.0, "cudnn": 5.0, "cudnn_fused": 2.0}})
+    assert conv.auto_summary({"a"}) == ("auto: 2 convolution problems, kept 1 triton, 1 cudnn_fused; per call over "
+                                        "them 2.5 ms chosen, 5.75 ms cuDNN, 4.5 ms Triton")
+    assert conv.auto_summary({"a", "b", "c"}) == ""

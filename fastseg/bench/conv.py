@@ -229,6 +229,22 @@ def conv_workload(shape: ConvShape, dtype: torch.dtype, layout: str, device: tor
                     fastseg_flops=3 * shape.flops())
 
 
+def auto_summary(problems_before: set) -> str:
+    """What "auto" chose for the convolution problems it timed since ``problems_before`` (a set of
+    conv_ops.auto_choices() keys), or "" if none: how many went to each implementation, and the sum over those
+    distinct problems of the chosen candidates' times against cuDNN's (BatchNorm folded) and the Triton kernel's."""
+    choices, timings = conv_ops.auto_choices(), conv_ops.auto_timings()
+    new = [key for key in choices if key not in problems_before]
+    if not new:
+        return ""
+    kept = {impl: sum(choices[key] == impl for key in new) for impl in AUTO_NAMES}
+    sums = {impl: sum(timings[key].get(impl, float("nan")) for key in new) for impl in ("triton", "cudnn")}
+    chosen = sum(timings[key][choices[key]] for key in new)
+    return (f"auto: {len(new)} convolution problems, kept " + ", ".join(f"{n} {impl}" for impl, n in kept.items() if n)
+            + f"; per call over them {chosen:.3g} ms chosen, {sums['cudnn']:.3g} ms cuDNN, {sums['triton']:.3g} ms "
+            "Triton")
+
+
 def _loop_order_note(fused: fastseg.nn.ConvBNAct, x: torch.Tensor, device: torch.device) -> str:
     """The Triton kernel alone (the block's BatchNorm as its scale and shift, ReLU) in each loop order of its
     implicit GEMM, the default (conv_kernels.taps_outer) marked: the measurements that set that threshold. Each

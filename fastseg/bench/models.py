@@ -22,7 +22,9 @@ DeepLab v3 (inference and training step) and U-Net (inference).
 Each row's notes: the agreement with the reference (max |diff|, relative RMS difference, argmax agreement; a
 MISMATCH when the relative RMS difference exceeds TOLERANCE for the dtype), images/s of both sides, peak memory
 (CUDA, the harness's), the converter's summary (chains fused, convolutions and pools replaced, modules left and
-why), and on CUDA the first call's time (fastseg: Triton compilation and autotuning; torch.compile: compilation).
+why), and on CUDA the first call's time (fastseg: Triton compilation and autotuning; torch.compile: compilation)
+and what "auto" chose for the twin's convolutions (bench.conv.auto_summary: the implementations kept, and the
+summed per-call times of the chosen candidates, of cuDNN's and of the Triton kernel's).
 
 The dense-CRF pipeline row: DeepLab v1 LargeFOV followed by dense CRF with DeepLab's VGG-16 settings, on a batch
 of photographs (the astronaut, flipped; the class scorer's random weights scaled so that the scores spread as
@@ -52,8 +54,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastseg.bench.conv import auto_summary
 from fastseg.bench.crf import pydensecrf_available
 from fastseg.bench.harness import Case, Row, Workload, dtype_name
+from fastseg.ops import conv as conv_ops
 
 EAGER = "torch eager"
 COMPILED = "torch.compile"
@@ -157,7 +161,9 @@ class ModelCase(Case):
             notes.append(self.info["summary"])
         for side, ms in self.info.get("first_call_ms", {}).items():
             notes.append(f"first call {side} {ms / 1e3:.1f} s")
-        row.notes.extend(notes)
+        if "auto_problems_before" in self.info:
+            notes.append(auto_summary(self.info["auto_problems_before"]))
+        row.notes.extend(filter(None, notes))
 
 
 def cases(device: torch.device, dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
@@ -348,6 +354,7 @@ def model_workload(network: Network, dtype: torch.dtype, layout: str, pass_: str
     x = x.contiguous(memory_format=memory_format)
     twin, report = optimize(model, report=True)
     info["summary"] = conversion_summary(twin, report)
+    info["auto_problems_before"] = set(conv_ops.auto_choices())  # the twin's first call times its convolutions
     first_calls: dict[str, float] = {}
     info["first_call_ms"] = first_calls
     run_reference = torch.compile(model) if reference == COMPILED else model
