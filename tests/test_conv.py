@@ -460,17 +460,19 @@ def test_loop_order_heuristic():
         taps_outer(64, 9, "taps")
 
 
+@pytest.mark.parametrize("channels", [45, 48])
 @pytest.mark.parametrize("split", [1, 2, 4, 7])
-def test_loop_orders_interpreted(split):
-    """Both loop structures of the implicit GEMM, unsplit and with split-K ranges that start and end inside a
-    tap's channel blocks (45 channels: 3 blocks of 16 per tap under the interpreter, the last one partial; the
-    ranges are whole 64-channel steps, i.e. one tap each, or with 7 ranges of 9 taps some empty), into poisoned
-    outputs; the same result as the specification and, within float32 reassociation, as each other."""
+def test_loop_orders_interpreted(split, channels):
+    """Both loop structures of the implicit GEMM, unsplit and split-K, into poisoned outputs: the same result as
+    the specification and, within float32 reassociation, as each other. Under the interpreter (BLOCK_K 16) a
+    split range is a multiple of 4 channel blocks (whole 64-channel steps) and a tap has 3 (45 channels, the last
+    block partial; 48, all full: loads without a channel mask, EVEN_C), so ranges start and end inside taps; 7
+    ranges of 9 steps leave some empty."""
     skip_unless_backend("triton")
     from fastseg.ops import conv_kernels
 
-    x = torch.randn(2, 45, 6, 5).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(18, 45, 3, 3) / 20
+    x = torch.randn(2, channels, 6, 5).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(18, channels, 3, 3) / 20
     bias, scale, shift, residual = torch.randn(18), torch.rand(18) + 0.5, torch.randn(18), torch.randn(2, 18, 6, 5)
     expected = _expected(x, w, bias, scale, shift, residual, 1, 2, 2, 1, "relu")
     results = {}

@@ -74,15 +74,16 @@ COMPILE_SCRIPT = textwrap.dedent(r'''
     tile = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)
     variants(ck._conv2d_igemm_kernel, "conv forward", conv_pointers,
              dict(epilogue, SPLIT=False, FP32_INPUTS=False, ALLOW_TF32=False, INDEX_64=False, TAPS_OUTER=False,
-                  **tile),
+                  EVEN_C=False, **tile),
              [dict(SPLIT=True), dict(INDEX_64=True, SPLIT=True), dict(HAS_RESIDUAL=False, RELU=False),
-              dict(TAPS_OUTER=True), dict(TAPS_OUTER=True, SPLIT=True, INDEX_64=True)],
+              dict(TAPS_OUTER=True), dict(TAPS_OUTER=True, SPLIT=True, INDEX_64=True), dict(EVEN_C=True),
+              dict(EVEN_C=True, TAPS_OUTER=True)],
              num_warps=8)
     compile_variant(ck._conv2d_igemm_kernel, "conv forward float32 tf32",
                     dict(conv_pointers, x_ptr="*fp32", w_ptr="*fp32", out_ptr="*fp32", bias_ptr="*fp32",
                          res_ptr="*fp32"),
                     dict(epilogue, SPLIT=False, FP32_INPUTS=True, ALLOW_TF32=True, INDEX_64=False, TAPS_OUTER=True,
-                         BLOCK_M=64, BLOCK_N=64, BLOCK_K=32))
+                         EVEN_C=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32))
     variants(ck._epilogue_kernel, "conv epilogue (split-K sum)", conv_pointers,
              dict(epilogue, INDEX_64=False, BLOCK_M=64, BLOCK_N=64), [dict(INDEX_64=True)])
     compile_variant(ck._epilogue_kernel, "conv epilogue (cuDNN's output, in place)", dict(conv_pointers, ws_ptr=HALF),

@@ -131,14 +131,18 @@ def _dot(a, b, acc, FP32_INPUTS: tl.constexpr, ALLOW_TF32: tl.constexpr):
 
 
 @triton.jit
-def _igemm_step(acc, x_rows, rows_ok, w_cols, cols_ok, c, C, sxc, swc, FP32_INPUTS: tl.constexpr,
-                ALLOW_TF32: tl.constexpr):
+def _igemm_step(acc, x_rows, rows_ok, w_cols, cols_ok, c, C, sxc, swc, EVEN_C: tl.constexpr,
+                FP32_INPUTS: tl.constexpr, ALLOW_TF32: tl.constexpr):
     """acc += x[rows, c] @ w[c, cols] for one tap: x_rows [BLOCK_M] pointers to the rows' input pixels at this tap
     (rows_ok: inside the image), w_cols [1, BLOCK_N] pointers to the columns' weights at this tap, c [BLOCK_K]
     input channels (past C: zero)."""
-    c_ok = c < C
-    a = tl.load(x_rows[:, None] + c[None, :] * sxc, mask=rows_ok[:, None] & c_ok[None, :], other=0.0)
-    b = tl.load(w_cols + c[:, None] * swc, mask=c_ok[:, None] & cols_ok[None, :], other=0.0)
+    if EVEN_C:  # every channel block full: the masks are the rows' and the columns' alone (loop invariants)
+        a = tl.load(x_rows[:, None] + c[None, :] * sxc, mask=rows_ok[:, None], other=0.0)
+        b = tl.load(w_cols + c[:, None] * swc, mask=cols_ok[None, :], other=0.0)
+    else:
+        c_ok = c < C
+        a = tl.load(x_rows[:, None] + c[None, :] * sxc, mask=rows_ok[:, None] & c_ok[None, :], other=0.0)
+        b = tl.load(w_cols + c[:, None] * swc, mask=c_ok[:, None] & cols_ok[None, :], other=0.0)
     return _dot(a, b, acc, FP32_INPUTS, ALLOW_TF32)
 
 
@@ -157,7 +161,8 @@ def _conv2d_igemm_kernel(
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, SPLIT: tl.constexpr,
     FP32_INPUTS: tl.constexpr, ALLOW_TF32: tl.constexpr, INDEX_64: tl.constexpr,
-    TAPS_OUTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TAPS_OUTER: tl.constexpr, EVEN_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     # C: input channels, K: output channels (the GEMM's N dimension). The window (KH, KW, stride, padding,
     # dilation) is runtime: the loop below walks the taps at run time anyway, and constants would compile a
@@ -200,7 +205,7 @@ def _conv2d_igemm_kernel(
             w_tap = w_co + r * swh + s * sww
             for cb in range(tl.maximum(first - tap * num_cb, 0), tl.minimum(steps - tap * num_cb, num_cb)):
                 c = cb * BLOCK_K + ci
-                acc = _igemm_step(acc, x_tap, ok, w_tap, co_ok, c, C, sxc, swc, FP32_INPUTS, ALLOW_TF32)
+                acc = _igemm_step(acc, x_tap, ok, w_tap, co_ok, c, C, sxc, swc, EVEN_C, FP32_INPUTS, ALLOW_TF32)
     else:
         # One flat loop over (tap, channel block), channel blocks fastest: a single loop that Triton can software-
         # pipeline whatever the channel count (a 64-channel layer has one channel block per tap).
@@ -213,7 +218,7 @@ def _conv2d_igemm_kernel(
             iw = iw0 + s * DW
             ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             acc = _igemm_step(acc, x_pix + ih * sxh + iw * sxw, ok, w_co + r * swh + s * sww, co_ok, c, C, sxc, swc,
-                              FP32_INPUTS, ALLOW_TF32)
+                              EVEN_C, FP32_INPUTS, ALLOW_TF32)
     if SPLIT:
         ws = ws_ptr + tl.program_id(2).to(tl.int64) * M * K
         if INDEX_64:
@@ -244,9 +249,16 @@ def prune_configs(configs, named_args, **kwargs):
     return fits or [min(configs, key=lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"]))]
 
 
+def _full_channel_blocks(args) -> bool:
+    """EVEN_C: every BLOCK_K slice of the input channels is full, so the loads need no channel mask (in sm_90 SASS
+    about 30 instructions fewer per step: the masks left are loop invariants)."""
+    return args["C"] % args["BLOCK_K"] == 0
+
+
+_conv2d_igemm = triton.heuristics({"EVEN_C": _full_channel_blocks})(_conv2d_igemm_kernel)
 _conv2d_igemm_tuned = triton.autotune(configs=CONFIGS, key=_AUTOTUNE_KEY + ["SPLIT", "TAPS_OUTER"],
                                       do_bench=autotune_bench,
-                                      prune_configs_by={"early_config_prune": prune_configs})(_conv2d_igemm_kernel)
+                                      prune_configs_by={"early_config_prune": prune_configs})(_conv2d_igemm)
 
 
 @triton.jit(do_not_specialize=["SPLIT_STRIDE"])
@@ -355,9 +367,9 @@ def taps_outer(channels: int, taps: int, loop_order: str | None = None) -> bool:
 
     By default (``loop_order`` None): for a single tap (1x1: nothing to drain) and from 512 channels (8 or more
     steps of 64 per tap). From sm_90 SASS (Triton 3.6, bf16, BLOCK_K 64): a step of the flat loop is 259
-    instructions at a 128x128 tile (286 at 128x256), of the inner loop 120 (134). With two 128x128 programs of
-    8 warps per SM, the flat loop's steps take about as many issue cycles (~1000) as the tensor cores need for
-    them, the inner loop's half. But the software pipeline drains and refills at each tap, a cost that shrinks
+    instructions at a 128x128 tile (286 at 128x256), of the inner loop 120 (134); with full channel blocks
+    (EVEN_C) 234 (255) and 91 (107). With two 128x128 programs of 8 warps per SM, the flat loop's steps take
+    about as many issue cycles (~1000) as the tensor cores need for them, the inner loop's half or less. But the software pipeline drains and refills at each tap, a cost that shrinks
     with the steps per tap. GPU timings set this threshold. ``loop_order`` "taps_outer" or "flat" forces one
     (tests). The input gradient's kernel keeps its flat loop: there the grad_z tile's loads, ReLU mask and scale
     dominate a step, and taps outside would save only 420 -> 363 instructions per step while raising its registers
@@ -420,7 +432,7 @@ def forward(x, weight, bias, scale, shift, residual, out, stride, padding, dilat
     if config is not None:
         meta = dict(config)
         grid = (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_N"]), splits)
-        _conv2d_igemm_kernel[grid](*args, SPLIT_CHANNELS=split_channels, **common, **meta)
+        _conv2d_igemm[grid](*args, SPLIT_CHANNELS=split_channels, **common, **meta)
     else:
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_N"]), splits)
