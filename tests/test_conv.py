@@ -737,6 +737,22 @@ def test_weight_grad_split_is_deterministic():
     assert torch.equal(results[2], results[3]), "split-K is not deterministic"
 
 
+@pytest.mark.parametrize("shape", [(5, 3, 4, 3), (2, 3, 9, 40), (3, 2, 6, 6)], ids=["images", "columns", "rows"])
+@pytest.mark.parametrize("split", [1, 2, 3])
+def test_weight_grad_pixel_steps(shape, split):
+    """The weight gradient advances its pixels' coordinates by adding a step of BLOCK_K pixels (32 under the
+    interpreter): across whole images (12-pixel outputs: 2 images, 2 rows and 2 columns a step), within a row (40
+    columns) and across rows (36-pixel images), from chunk starts inside an image (split-K); into poisoned
+    gradients."""
+    skip_unless_backend("triton")
+    from fastseg.ops import conv_backward_kernels
+
+    x, w, grad_out, out, scale, _, exp_w = _backward_problem(shape, 4, 3, 1, 1, 1, "channels_last")
+    grad_w = poisoned(w.shape, w.dtype)
+    conv_backward_kernels.weight_grad(grad_out, out, scale, x, grad_w, (1, 1), (1, 1), (1, 1), False, split=split)
+    _assert_close(grad_w, exp_w, torch.float32, shape[0] * shape[2] * shape[3], what=f"grad weight, split {split}")
+
+
 def test_every_backward_config_interpreted():
     skip_unless_backend("triton")
     from fastseg.ops import conv_backward_kernels, conv_kernels

@@ -192,10 +192,15 @@ def _conv2d_wgrad_kernel(
     pp = tl.arange(0, BLOCK_K)
     x_c = x_ptr + c[None, :] * sxc
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # The pixels' coordinates are divided out once, then advanced by adding the step of BLOCK_K pixels as whole
+    # images, rows and columns, with one carry per level (step_h < OH): a division by OW and by OH per pixel and
+    # step would be most of the loop's instructions.
+    n, oh, ow = _pixel_coords(start + pp, OH, OW, INDEX_64)
+    step_n = BLOCK_K // (OH * OW)
+    step_h = (BLOCK_K - step_n * OH * OW) // OW
+    step_w = BLOCK_K - step_n * OH * OW - step_h * OW
     for p0 in range(start, end, BLOCK_K):
-        p = p0 + pp
-        p_ok = p < end
-        n, oh, ow = _pixel_coords(p, OH, OW, INDEX_64)
+        p_ok = p0 + pp < end
         # grad_z as [pixel, k] then transposed: the A-operand is [BLOCK_M output channels, BLOCK_K pixels]
         a = _grad_z_tile(g_ptr, out_ptr, scale_ptr, n * sgn + oh * sgh + ow * sgw, n * son + oh * soh + ow * sow,
                          p_ok, k, k_ok, sgk, sok, x_ptr.dtype.element_ty, RELU, HAS_SCALE, False)
@@ -204,6 +209,13 @@ def _conv2d_wgrad_kernel(
         x_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         b = tl.load(x_c + (n * sxn + ih * sxh + iw * sxw)[:, None], mask=x_ok[:, None] & c_ok[None, :], other=0.0)
         acc = _dot(tl.trans(a), b, acc, FP32_INPUTS, ALLOW_TF32)
+        ow += step_w
+        carry = ow >= OW
+        ow = tl.where(carry, ow - OW, ow)
+        oh += step_h + carry.to(oh.dtype)
+        carry = oh >= OH
+        oh = tl.where(carry, oh - OH, oh)
+        n += step_n + carry.to(n.dtype)
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[:, None]
     gw = gw_ptr + chunk * sws + r * swh + s * sww + k[:, None] * swk + c[None, :] * swc
