@@ -41,6 +41,19 @@ def test_fused_conv2d(benchmark, shape, layout, implementation):
         workload.check(workload.reference(), result)
 
 
+def _run_interpreted(source: str, tmp_path: Path):
+    """Run `source` in a child process under Triton's interpreter (this folder's tests run without it) and return
+    the JSON its last output line holds."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(conv.__file__).parents[2]), env.get("PYTHONPATH")]))
+    script = tmp_path / "script.py"  # a file: @triton.jit reads its functions' source
+    script.write_text(source)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 TRITON_TRAIN_STEP = r"""
 import json, torch
 from fastseg.bench import conv
@@ -64,16 +77,9 @@ print(json.dumps(results))
 
 def test_training_rows_run_the_triton_backward_under_its_backend(tmp_path):
     """The ", Triton backward" training rows time the Triton forward and backward kernels, the plain training rows
-    "auto"'s (on the CPU: the reference, torch's backward); both check against eager. Run in a child process
-    under Triton's interpreter (this folder's tests run without it)."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(conv.__file__).parents[2]), env.get("PYTHONPATH")]))
-    script = tmp_path / "train_step.py"
-    script.write_text(TRITON_TRAIN_STEP)
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    "auto"'s (on the CPU: the reference, torch's backward); both check against eager. Under Triton's
+    interpreter, in a child process."""
+    results = _run_interpreted(TRITON_TRAIN_STEP, tmp_path)
     assert results["triton"]["calls"] == ["forward", "input_grad", "weight_grad"], results
     assert results["auto"]["calls"] == [], results
     assert all(r["note"].startswith("max rel diff") for r in results.values()), results
@@ -98,14 +104,7 @@ print(json.dumps({"orders": sorted(set(orders)), "note": note}))
 def test_target_rows_time_both_loop_orders(tmp_path):
     """The target forward rows' notes give the Triton kernel's time in each loop order of its implicit GEMM (the
     data behind conv_kernels.taps_outer), the default marked. Under Triton's interpreter, in a child process."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(conv.__file__).parents[2]), env.get("PYTHONPATH")]))
-    script = tmp_path / "loop_orders.py"
-    script.write_text(LOOP_ORDERS)
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = _run_interpreted(LOOP_ORDERS, tmp_path)
     assert result["orders"] == ["flat", "taps_outer"], result
     assert "; Triton kernel alone: taps-outer " in result["note"], result
     assert " ms, flat " in result["note"] and result["note"].endswith(" ms (default)"), result  # 8 channels: flat
