@@ -19,8 +19,9 @@ The first fastseg call of each forward case on CUDA (Triton compilation and auto
 timing of the Triton kernel against cuDNN with the BatchNorm folded; cached per shape afterwards) is timed
 apart and reported in the notes, with the implementation "auto" kept and the candidates' times it chose by
 (``--backends triton`` times the Triton kernel alone). The target forward rows' notes also time the Triton
-kernel alone in each loop order of its implicit GEMM (conv_kernels.taps_outer: the threshold is set from them). TFLOP/s counts the convolution's 2*N*K*OH*OW*C*kh*kw
-floating-point operations (three times that for train_step: forward, input gradient, weight gradient).
+kernel alone in each loop order of its implicit GEMM (conv_kernels.taps_outer: the threshold is set from them).
+TFLOP/s counts the convolution's 2*N*K*OH*OW*C*kh*kw floating-point operations (three times that for
+train_step: forward, input gradient, weight gradient).
 On a CPU only a tiny smoke set runs, against eager only.
 """
 
