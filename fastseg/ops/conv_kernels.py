@@ -369,11 +369,12 @@ def taps_outer(channels: int, taps: int, loop_order: str | None = None) -> bool:
     steps of 64 per tap). From sm_90 SASS (Triton 3.6, bf16, BLOCK_K 64): a step of the flat loop is 259
     instructions at a 128x128 tile (286 at 128x256), of the inner loop 120 (134); with full channel blocks
     (EVEN_C) 234 (255) and 91 (107). With two 128x128 programs of 8 warps per SM, the flat loop's steps take
-    about as many issue cycles (~1000) as the tensor cores need for them, the inner loop's half or less. But the software pipeline drains and refills at each tap, a cost that shrinks
-    with the steps per tap. GPU timings set this threshold. ``loop_order`` "taps_outer" or "flat" forces one
-    (tests). The input gradient's kernel keeps its flat loop: there the grad_z tile's loads, ReLU mask and scale
-    dominate a step, and taps outside would save only 420 -> 363 instructions per step while raising its registers
-    from 151 to 221."""
+    about as many issue cycles (~1000) as the tensor cores need for them, the inner loop's half or less. But the
+    software pipeline drains and refills at each tap, a cost that shrinks with the steps per tap. GPU timings
+    (the bench's target rows time both orders) set this threshold. ``loop_order`` "taps_outer" or "flat" forces
+    one (tests). The input gradient's kernel keeps its flat loop: there the grad_z tile's loads, ReLU mask and
+    scale dominate a step, and taps outside would save only 420 -> 363 instructions per step while raising its
+    registers from 151 to 221."""
     if loop_order is None:
         return taps == 1 or channels >= 8 * _SPLIT_STEP_CHANNELS
     if loop_order not in ("taps_outer", "flat"):
