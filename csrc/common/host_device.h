@@ -6,3 +6,27 @@
 #else
 #define FASTSEG_HOST_DEVICE
 #endif
+
+namespace fastseg {
+
+// a * b rounded on its own. nvcc (ptxas) fuses a product into the addition that follows it (one FMA, one
+// rounding) unless the product comes from __dmul_rn / __fmul_rn; the CPU build never fuses (baseline x86-64 has
+// no FMA). Shared math whose result feeds a discrete choice (the lattice's simplex of a point) multiplies with
+// this, so that both builds round alike and choose alike.
+FASTSEG_HOST_DEVICE inline double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+FASTSEG_HOST_DEVICE inline float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+}  // namespace fastseg

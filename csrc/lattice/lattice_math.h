@@ -39,13 +39,14 @@ FASTSEG_HOST_DEVICE inline T slice_alpha(int d) {
 }
 
 // Elevates d features f[i * f_stride] (already divided by their standard deviations) to d + 1 coordinates
-// summing to 0. `scale` holds elevation_scale(i, d) for i < d.
+// summing to 0. `scale` holds elevation_scale(i, d) for i < d. Products by mul_rn: the CPU and CUDA builds
+// then compute the same coordinates to the last bit, so they put every point in the same simplex.
 template <typename T, typename F>
 FASTSEG_HOST_DEVICE inline void elevate(const F* f, int64_t f_stride, int d, const T* scale, T* elevated) {
   T sum = T(0);
   for (int i = d; i > 0; --i) {
-    const T cf = T(f[(i - 1) * f_stride]) * scale[i - 1];
-    elevated[i] = sum - T(i) * cf;
+    const T cf = mul_rn(T(f[(i - 1) * f_stride]), scale[i - 1]);
+    elevated[i] = sum - mul_rn(T(i), cf);
     sum += cf;
   }
   elevated[0] = sum;
@@ -122,7 +123,7 @@ FASTSEG_HOST_DEVICE inline void barycentric(const T* elevated, const int32_t* re
     bary[i] = T(0);
   }
   for (int i = 0; i <= d; ++i) {
-    const T delta = (elevated[i] - T(rem0[i])) * down_factor;
+    const T delta = mul_rn(elevated[i] - T(rem0[i]), down_factor);  // the same weights in both builds
     bary[d - rank[i]] += delta;
     bary[d + 1 - rank[i]] -= delta;
   }

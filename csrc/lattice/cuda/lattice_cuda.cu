@@ -1,7 +1,8 @@
 // CUDA kernels of fastseg::ext_lattice_build and fastseg::ext_lattice_filter (table format: csrc/fastseg.cpp).
 //
 // Build, all images in each launch: (1) per point, elevation, enclosing simplex and barycentric weights (the
-// shared math of lattice/lattice_math.h, in double as the CPU build, so both builds find the same simplices);
+// shared math of lattice/lattice_math.h, in double as the CPU build and with its products rounded as there
+// (mul_rn: no FMA contraction), so both builds find the same simplices);
 // (2) per splat entry (point, simplex vertex), the vertex's key goes into the image's open-addressing table
 // (linear probing over int32 slots, 2 E or more of them so that a probe always ends): a slot holds the index of
 // the first entry that claimed it with atomicCAS, and since every entry's key is a function of its point's
