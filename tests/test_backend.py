@@ -384,3 +384,59 @@ def test_a_broken_extension_fails_its_tests_instead_of_skipping(monkeypatch):
     monkeypatch.setattr(conftest, "REQUIRE_TEST_DEPS", True)
     with pytest.raises(RuntimeError, match="not built"):
         conftest.extension_available()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# eager calls skip the registered ops' dispatch (ops/_eager.py), everything else goes through the ops
+# --------------------------------------------------------------------------------------------------------------
+def test_eager_calls_skip_the_op_dispatch_where_it_is_safe():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastseg.ops._eager import needs_grad, skips_dispatch
+
+    x = torch.randn(1, 2, 4, 4)
+    assert skips_dispatch(x) and skips_dispatch(x.requires_grad_())
+    assert not skips_dispatch(torch.empty(1, 2, 4, 4, device="meta"))
+    with FakeTensorMode() as mode:
+        assert not skips_dispatch(mode.from_tensor(x))
+    assert not skips_dispatch(torch.nn.Parameter(torch.randn(2)).data.as_subclass(torch.nn.Parameter))
+    assert torch.compile(lambda t: t + skips_dispatch(t), fullgraph=True, backend="eager")(torch.zeros(1)) == 0
+    w = torch.randn(2, requires_grad=True)
+    assert needs_grad(None, x) and needs_grad(torch.randn(2), None, w) and not needs_grad(torch.randn(2), None)
+    with torch.no_grad():
+        assert not needs_grad(x, w)
+
+
+@pytest.mark.parametrize("op", ["max_pool2d", "max_unpool2d", "fused_conv2d"])
+def test_op_dispatch_and_eager_paths_agree(op):
+    """The public functions give the same results and gradients whether they run the registered op (under a
+    dispatch mode, as fake tensors and torch.compile see it) or its implementation directly."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    _, indices = F.max_pool2d(x.detach(), 2, return_indices=True)
+
+    def run():
+        if op == "max_pool2d":
+            out = fastseg.max_pool2d(x, 2, 1)
+        elif op == "max_unpool2d":
+            out = fastseg.max_unpool2d(x[:, :, :3, :2], indices, 2, output_size=(6, 5))
+        else:
+            out = fastseg.fused_conv2d(x, weight, None, 1, 1, activation="relu")
+        grads = torch.autograd.grad(out, (x, weight) if op == "fused_conv2d" else (x,), torch.ones_like(out))
+        return out, grads
+
+    eager = run()
+    with Passthrough():
+        dispatched = run()
+    assert any(f"fastseg.{op}" in name for name in Passthrough.ops), Passthrough.ops
+    for a, b in zip((eager[0], *eager[1]), (dispatched[0], *dispatched[1])):
+        assert_same(a, b, op)

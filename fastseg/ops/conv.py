@@ -6,8 +6,10 @@ is None or "relu". The convolution's semantics are torch.nn.functional.conv2d's:
 padding (int, pair, "valid" or "same") and dilation; groups 1 or depthwise (groups == in_channels).
 
 Layers: ``fused_conv2d`` validates and resolves the arguments; the registered custom op
-``torch.ops.fastseg.fused_conv2d`` carries the fake implementation (torch.compile) and autograd; the forward
-runs on one backend: the Triton implicit-GEMM kernel (``conv_kernels.py``) or the plain-PyTorch reference
+``torch.ops.fastseg.fused_conv2d`` carries the fake implementation (torch.compile) and autograd, and eager calls
+on CPU and CUDA tensors run its implementation directly, through a torch.autograd.Function when a gradient is
+needed (ops/_eager.py: without the op's dispatch layers a small call's host time drops from about 60 to 30 us on
+the CI machine); the forward runs on one backend: the Triton implicit-GEMM kernel (``conv_kernels.py``) or the plain-PyTorch reference
 below. "auto" on CUDA times the Triton kernel against cuDNN with the affine folded into the weights
 (``folded_conv2d``: torch's convolution, then the residual and ReLU in place; and, when the epilogue ends in a
 ReLU, cuDNN's fused cudnn_convolution_(add_)relu as a third candidate) on the first call of each problem, and
@@ -41,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastseg import _backend
+from fastseg.ops._eager import needs_grad, skips_dispatch
 
 _backend.register_op("fused_conv2d", {"triton", "reference"})
 
@@ -386,11 +389,10 @@ def _implementation(x, weight, bias, scale, shift, residual, stride, padding4, d
 # --- registered op: autograd and fake implementation --------------------------------------------------
 
 
-@torch.library.custom_op("fastseg::fused_conv2d", mutates_args=())
-def _fused_conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
-                     shift: Optional[Tensor], residual: Optional[Tensor], stride: Sequence[int],
-                     padding: Sequence[int], dilation: Sequence[int], groups: int,
-                     activation: Optional[str]) -> Tensor:
+def _fused_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
+                  shift: Optional[Tensor], residual: Optional[Tensor], stride: Sequence[int],
+                  padding: Sequence[int], dilation: Sequence[int], groups: int,
+                  activation: Optional[str]) -> Tensor:
     """act((conv2d(x, weight) + bias) * scale + shift + residual); padding is [top, left, bottom, right]."""
     OH, OW = output_size(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
     if x.shape[0] * weight.shape[0] * OH * OW == 0:
@@ -402,6 +404,9 @@ def _fused_conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: O
     out = _empty_output(x, weight, OH, OW)
     _forward_into(out, *args, impl)
     return out
+
+
+_fused_conv2d_op = torch.library.custom_op("fastseg::fused_conv2d", _fused_conv2d, mutates_args=())
 
 
 @_fused_conv2d_op.register_fake
@@ -524,6 +529,21 @@ def _fused_conv2d_grad(ctx, grad_out):
 _fused_conv2d_op.register_autograd(_fused_conv2d_grad, setup_context=_setup_context)
 
 
+class _FusedConv2dFunction(torch.autograd.Function):
+    """fastseg::fused_conv2d's forward and autograd for eager calls that need a gradient (ops._eager): the same
+    implementation, setup and backward as the registered op's."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out = _fused_conv2d(*inputs)
+        _setup_context(ctx, inputs, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _fused_conv2d_grad(ctx, grad_out)
+
+
 # --- public function ----------------------------------------------------------------------------------
 
 
@@ -575,6 +595,11 @@ def fused_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1
         raise TypeError(f"fused_conv2d: groups must be an int, but got {groups!r}")
     padding4 = _resolve_padding(padding, tuple(weight.shape[2:]), s, d)
     _check(x, weight, bias, scale, shift, residual, s, padding4, d, groups, activation)
-    out = torch.ops.fastseg.fused_conv2d(x, weight, bias, scale, shift, residual, list(s), padding4, list(d),
-                                         groups, activation)
+    args = (x, weight, bias, scale, shift, residual, list(s), padding4, list(d), groups, activation)
+    if not skips_dispatch(x):
+        out = torch.ops.fastseg.fused_conv2d(*args)
+    elif needs_grad(x, weight, bias, scale, shift, residual):
+        out = _FusedConv2dFunction.apply(*args)
+    else:
+        out = _fused_conv2d(*args)
     return out.squeeze(0) if unbatched else out

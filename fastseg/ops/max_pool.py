@@ -9,8 +9,9 @@ taps), where PyTorch saves the input and int64 indices.
 
 Layers: the public functions validate and allocate; the registered custom ops (torch.ops.fastseg.*) carry
 autograd and fake implementations (torch.compile); eager calls on CPU and CUDA tensors run the same
-implementation and autograd through a torch.autograd.Function instead, without the op's dispatch layers (see
-_eager: they were most of a small pool's host time); each op's kernels come from one backend (Triton, the
+implementation directly, through a torch.autograd.Function when a gradient is needed, without the op's dispatch
+layers (ops/_eager.py: forward + backward of a 4x4 pool took 165 us through the op, 80 us this way, torch's own
+25 us, on the CI machine); each op's kernels come from one backend (Triton, the
 compiled extension or the plain-PyTorch reference below), all following CONTRACT_max_pool.md.
 """
 
@@ -21,9 +22,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
-from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from fastseg import _backend
+from fastseg.ops._eager import needs_grad, skips_dispatch
 
 _backend.register_op("max_pool2d", {"triton", "extension", "reference"})
 _backend.register_op("max_unpool2d", {"triton", "reference"})
@@ -345,20 +346,9 @@ def _max_pool2d_grad(ctx, grad_out, _grad_argmax, *, eager: bool = False):
 _max_pool2d_op.register_autograd(_max_pool2d_grad, setup_context=_max_pool2d_setup_context)
 
 
-def _eager(x: Tensor) -> bool:
-    """Whether a call may skip the registered op's dispatch and run the same implementation through
-    _MaxPool2dFunction (or _MaxUnpool2dFunction): when not compiling (torch.compile and export trace the op), on a plain CPU or CUDA tensor,
-    with no dispatch mode active (FakeTensorMode and the like need the op's fake implementation). The op's Python
-    layers (autograd wrapper, redispatch, argument filling, dynamo guards) are most of a small pool's host time:
-    forward + backward of a 4x4 input, 165 us through the op against 70 us this way (torch's own: 25 us), on this
-    project's 2-core CI machine; a GPU's small pools wait on the host as long."""
-    return (not torch.compiler.is_compiling() and type(x) is Tensor and x.device.type in ("cpu", "cuda")
-            and _current_dispatch_mode() is None)
-
-
 class _MaxPool2dFunction(torch.autograd.Function):
-    """fastseg::max_pool2d's forward and autograd for eager calls (see _eager): the same implementation, setup
-    and backward as the registered op's."""
+    """fastseg::max_pool2d's forward and autograd for eager calls that need a gradient (ops._eager): the same
+    implementation, setup and backward as the registered op's."""
 
     @staticmethod
     def forward(ctx, x, kernel_size, stride, padding, dilation, ceil_mode, return_indices):
@@ -478,8 +468,11 @@ def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, c
     """
     x, unbatched = _as_batch(input, "max_pool2d")
     k, s, p, d = _pool_params(kernel_size, stride, padding, dilation)
-    pool = _MaxPool2dFunction.apply if _eager(x) else torch.ops.fastseg.max_pool2d
-    out, argmax = pool(x, k, s, p, d, bool(ceil_mode), bool(return_indices))
+    args = (x, k, s, p, d, bool(ceil_mode), bool(return_indices))
+    if not skips_dispatch(x):
+        out, argmax = torch.ops.fastseg.max_pool2d(*args)
+    else:
+        out, argmax = _MaxPool2dFunction.apply(*args) if needs_grad(x) else _max_pool2d(*args)
     if unbatched:
         out, argmax = out.squeeze(0), argmax.squeeze(0)
     return (out, argmax) if return_indices else out
@@ -540,6 +533,9 @@ def max_unpool2d(input: Tensor, indices: Tensor, kernel_size, stride=None, paddi
         raise RuntimeError(
             f"max_unpool2d: Expected 3D or 4D tensor, with optional 0 dim batch size, but got {list(input.shape)}")
     size = _unpool_output_size(x, kernel_size, stride, padding, output_size)
-    unpool = _MaxUnpool2dFunction.apply if _eager(x) else torch.ops.fastseg.max_unpool2d
-    out = unpool(x, indices.unsqueeze(0) if unbatched else indices, list(size))
+    args = (x, indices.unsqueeze(0) if unbatched else indices, list(size))
+    if not skips_dispatch(x):
+        out = torch.ops.fastseg.max_unpool2d(*args)
+    else:
+        out = _MaxUnpool2dFunction.apply(*args) if needs_grad(x) else _max_unpool2d(*args)
     return out.squeeze(0) if unbatched else out
