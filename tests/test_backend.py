@@ -401,6 +401,9 @@ def test_eager_calls_skip_the_op_dispatch_where_it_is_safe():
         assert not skips_dispatch(mode.from_tensor(x))
     assert not skips_dispatch(torch.nn.Parameter(torch.randn(2)).data.as_subclass(torch.nn.Parameter))
     assert torch.compile(lambda t: t + skips_dispatch(t), fullgraph=True, backend="eager")(torch.zeros(1)) == 0
+    traced = torch.jit.trace(lambda t: fastseg.max_pool2d(t, 2), x.detach())
+    assert "fastseg::max_pool2d" in str(traced.graph)  # the op recorded, not the kernels it launches
+    assert_same(traced(x.detach() + 1), fastseg.max_pool2d(x.detach() + 1, 2), "traced")
     w = torch.randn(2, requires_grad=True)
     assert needs_grad(None, x) and needs_grad(torch.randn(2), None, w) and not needs_grad(torch.randn(2), None)
     with torch.no_grad():

@@ -16,10 +16,11 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 def skips_dispatch(x: Tensor) -> bool:
     """Whether a call on input ``x`` may run the op's implementation without its dispatch: when not compiling
-    (torch.compile and export trace the op), on a plain CPU or CUDA tensor, with no dispatch mode active
-    (FakeTensorMode and the like need the op's fake implementation)."""
-    return (not torch.compiler.is_compiling() and type(x) is Tensor and x.device.type in ("cpu", "cuda")
-            and _get_current_dispatch_mode() is None)
+    or tracing (torch.compile, export and torch.jit.trace record the op; a Triton launch would be invisible to
+    them), on a plain CPU or CUDA tensor, with no dispatch mode active (FakeTensorMode and the like need the
+    op's fake implementation)."""
+    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing() and type(x) is Tensor
+            and x.device.type in ("cpu", "cuda") and _get_current_dispatch_mode() is None)
 
 
 def needs_grad(*tensors) -> bool:
