@@ -1,6 +1,8 @@
 // FASTSEG_HOST_DEVICE: marks the inline math shared by the CPU kernels and the CUDA kernels.
 #pragma once
 
+#include <type_traits>
+
 #if defined(__CUDACC__)
 #define FASTSEG_HOST_DEVICE __host__ __device__
 #else
@@ -9,21 +11,19 @@
 
 namespace fastseg {
 
-// a * b rounded on its own. nvcc (ptxas) fuses a product into the addition that follows it (one FMA, one
-// rounding) unless the product comes from __dmul_rn / __fmul_rn; the CPU build never fuses (baseline x86-64 has
-// no FMA). Shared math whose result feeds a discrete choice (the lattice's simplex of a point) multiplies with
-// this, so that both builds round alike and choose alike.
-FASTSEG_HOST_DEVICE inline double mul_rn(double a, double b) {
+// a * b rounded on its own (T float or double). nvcc (ptxas) fuses a product into the addition that follows it
+// (one FMA, one rounding) unless the product comes from __dmul_rn / __fmul_rn; the CPU build never fuses
+// (baseline x86-64 has no FMA). Shared math whose result feeds a discrete choice (the lattice's simplex of a
+// point) multiplies with this, so that both builds round alike and choose alike.
+template <typename T>
+FASTSEG_HOST_DEVICE inline T mul_rn(T a, T b) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "mul_rn: float or double");
 #if defined(__CUDA_ARCH__)
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-
-FASTSEG_HOST_DEVICE inline float mul_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
+  if constexpr (std::is_same_v<T, double>) {
+    return __dmul_rn(a, b);
+  } else {
+    return __fmul_rn(a, b);
+  }
 #else
   return a * b;
 #endif
