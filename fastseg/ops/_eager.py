@@ -26,3 +26,10 @@ def skips_dispatch(x: Tensor) -> bool:
 def needs_grad(*tensors) -> bool:
     """Whether autograd must record the call: grad mode on and some tensor among ``tensors`` requires grad."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def backward_of(implementation, op, eager: bool):
+    """What a backward formula calls for its op's backward: the implementation directly when the forward ran
+    eagerly (an autograd.Function's backward), unless autograd records the backward itself (create_graph),
+    else the registered op (it has no derivative, so a double backward then fails naming it)."""
+    return implementation if eager and not torch.is_grad_enabled() else op

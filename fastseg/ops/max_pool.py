@@ -24,7 +24,7 @@ from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
 from fastseg import _backend
-from fastseg.ops._eager import needs_grad, skips_dispatch
+from fastseg.ops._eager import backward_of, needs_grad, skips_dispatch
 
 _backend.register_op("max_pool2d", {"triton", "extension", "reference"})
 _backend.register_op("max_unpool2d", {"triton", "reference"})
@@ -333,11 +333,9 @@ def _max_pool2d_setup_context(ctx, inputs, output):
 # The backward runs on the backend its forward ran on: autograd runs CUDA backwards on its own thread,
 # where the caller's `fastseg.backend(...)` block is not active.
 def _max_pool2d_grad(ctx, grad_out, _grad_argmax, *, eager: bool = False):
-    """The input gradient through the backward op; with ``eager`` (_MaxPool2dFunction) through its implementation
-    directly, unless a graph of the backward is being recorded: the op, which has no derivative, then refuses a
-    double backward by name."""
+    """The input gradient; ``eager`` from _MaxPool2dFunction (see ops._eager.backward_of)."""
     (argmax,) = ctx.saved_tensors
-    backward = _max_pool2d_backward if eager and not torch.is_grad_enabled() else torch.ops.fastseg.max_pool2d_backward
+    backward = backward_of(_max_pool2d_backward, torch.ops.fastseg.max_pool2d_backward, eager)
     with _backend.backend(ctx.backend):
         grad_in = backward(grad_out, argmax, *ctx.params)
     return grad_in, None, None, None, None, None, None
@@ -404,10 +402,9 @@ def _max_unpool2d_setup_context(ctx, inputs, output):
 
 
 def _max_unpool2d_grad(ctx, grad_out, *, eager: bool = False):
-    """As _max_pool2d_grad: through the backward op, or with ``eager`` its implementation directly."""
+    """The input gradient; ``eager`` from _MaxUnpool2dFunction (see ops._eager.backward_of)."""
     (indices,) = ctx.saved_tensors
-    backward = (_max_unpool2d_backward if eager and not torch.is_grad_enabled()
-                else torch.ops.fastseg.max_unpool2d_backward)
+    backward = backward_of(_max_unpool2d_backward, torch.ops.fastseg.max_unpool2d_backward, eager)
     with _backend.backend(ctx.backend):
         grad_in = backward(grad_out, indices)
     return grad_in, None, None
