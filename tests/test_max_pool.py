@@ -955,6 +955,9 @@ def test_kernels_degenerate_window(impl):
     x = torch.randn(1, 2, 1, 4)
     out, am, _ = kernel_forward_case(fwd, x, (2, 1), 1, (1, 0), (2, 1), False, torch.int64, "nchw")
     assert bool(torch.isneginf(out).all())
+    for argmax_dtype in (torch.int64, torch.int8):  # channels-contiguous everywhere: the C++ channel-block scan
+        kernel_forward_case(fwd, x.contiguous(memory_format=torch.channels_last), (2, 1), 1, (1, 0), (2, 1), False,
+                            argmax_dtype, "channels_last", "channels_last")
     out = torch.empty(1, 2, 1, 4)
     am = torch.full((1, 2, 1, 4), INT_SENTINEL, dtype=torch.int8)
     fwd(x, poison_(out), am, (2, 1), (1, 1), (1, 0), (2, 1))

@@ -13,6 +13,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "pool/max_pool_args.h"
@@ -63,11 +65,16 @@ bool channels_contiguous(const at::Tensor& t) {
 }
 
 // Forward for channels-contiguous x, out and argmax: per output pixel, each in-bounds tap of the window in
-// row-major order updates a block of channels at once (max_pool2d_forward_element's scan and rules).
+// row-major order updates a block of channels at once (max_pool2d_forward_element's scan and rules). The scan
+// keeps each channel's best tap in scan_t: the argmax type itself for the narrow (window offset) encodings, and
+// for int64 plane indices the int32 window offset, turned into plane indices once per pixel through a table of
+// the window's taps (64-bit lanes beside the values' 32-bit ones kept the select from vectorising: 6x slower).
 template <typename scalar_t, typename idx_t>
 void forward_channels_contiguous(const at::Tensor& x, const at::Tensor& out, const at::Tensor& argmax,
                                  const PoolWindow<int64_t>& p) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool plane_indices = sizeof(idx_t) == sizeof(int64_t);
+  using scan_t = std::conditional_t<plane_indices, int32_t, idx_t>;
   const scalar_t* x_data = x.const_data_ptr<scalar_t>();
   scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
   idx_t* argmax_data = argmax.mutable_data_ptr<idx_t>();
@@ -78,11 +85,22 @@ void forward_channels_contiguous(const at::Tensor& x, const at::Tensor& out, con
   at::parallel_for(0, out.size(0) * OH, grain, [&](int64_t begin, int64_t end) {
     acc_t best[kChannelBlock];
     scalar_t best_val[kChannelBlock];
-    idx_t best_idx[kChannelBlock];
+    scan_t best_tap[kChannelBlock];
+    std::vector<idx_t> code_of_tap(plane_indices ? static_cast<size_t>(p.kh * p.kw) : 0);
     auto pixel = [&](int64_t n, int64_t oh, int64_t ow) {
       const int64_t hstart = oh * p.sh - p.ph, wstart = ow * p.sw - p.pw;
       const int64_t r0 = first_valid_tap(hstart, p.dh), c0 = first_valid_tap(wstart, p.dw);
-      const idx_t first = encode_argmax<idx_t>(r0, c0, p.kw, hstart + r0 * p.dh, wstart + c0 * p.dw, W);
+      const int64_t first_code = plane_indices ? r0 * p.kw + c0
+                                               : encode_argmax<idx_t>(r0, c0, p.kw, hstart + r0 * p.dh,
+                                                                      wstart + c0 * p.dw, W);
+      const scan_t first = static_cast<scan_t>(first_code);
+      if constexpr (plane_indices) {
+        for (int64_t r = 0; r < p.kh; ++r) {
+          for (int64_t c = 0; c < p.kw; ++c) {
+            code_of_tap[r * p.kw + c] = encode_argmax<idx_t>(r, c, p.kw, hstart + r * p.dh, wstart + c * p.dw, W);
+          }
+        }
+      }
       const scalar_t* x_n = x_data + n * xs[0];
       scalar_t* o = out_data + n * os[0] + oh * os[2] + ow * os[3];
       idx_t* a = argmax_data + n * as[0] + oh * as[2] + ow * as[3];
@@ -91,7 +109,7 @@ void forward_channels_contiguous(const at::Tensor& x, const at::Tensor& out, con
         for (int64_t j = 0; j < cn; ++j) {
           best[j] = -static_cast<acc_t>(INFINITY);
           best_val[j] = static_cast<scalar_t>(best[j]);
-          best_idx[j] = first;
+          best_tap[j] = first;
         }
         for (int64_t r = r0; r < p.kh; ++r) {
           const int64_t ih = hstart + r * p.dh;
@@ -104,19 +122,26 @@ void forward_channels_contiguous(const at::Tensor& x, const at::Tensor& out, con
               break;
             }
             const scalar_t* __restrict tap = x_n + ih * xs[2] + iw * xs[3] + cb;
-            const idx_t code = encode_argmax<idx_t>(r, c, p.kw, ih, iw, W);
+            const scan_t code =
+                static_cast<scan_t>(plane_indices ? r * p.kw + c : encode_argmax<idx_t>(r, c, p.kw, ih, iw, W));
             for (int64_t j = 0; j < cn; ++j) {
               const scalar_t t = tap[j];
               const acc_t v = static_cast<acc_t>(t);
               const bool take = replaces_max(v, best[j]);
               best[j] = take ? v : best[j];
               best_val[j] = take ? t : best_val[j];
-              best_idx[j] = take ? code : best_idx[j];
+              best_tap[j] = take ? code : best_tap[j];
             }
           }
         }
         std::copy(best_val, best_val + cn, o + cb);
-        std::copy(best_idx, best_idx + cn, a + cb);
+        if constexpr (plane_indices) {
+          for (int64_t j = 0; j < cn; ++j) {
+            a[cb + j] = code_of_tap[best_tap[j]];
+          }
+        } else {
+          std::copy(best_tap, best_tap + cn, a + cb);
+        }
       }
     };
     for (int64_t row = begin; row < end; ++row) {
@@ -130,7 +155,9 @@ void forward_channels_contiguous(const at::Tensor& x, const at::Tensor& out, con
 template <typename scalar_t, typename idx_t>
 void forward_impl(const at::Tensor& x, const at::Tensor& out, const at::Tensor& argmax,
                   const PoolWindow<int64_t>& p) {
-  if (channels_contiguous(x) && channels_contiguous(out) && channels_contiguous(argmax)) {
+  // (the channels-contiguous scan keeps int64 plane indices as int32 window offsets)
+  if (channels_contiguous(x) && channels_contiguous(out) && channels_contiguous(argmax) &&
+      p.kh * p.kw <= std::numeric_limits<int32_t>::max()) {
     forward_channels_contiguous<scalar_t, idx_t>(x, out, argmax, p);
     return;
   }
