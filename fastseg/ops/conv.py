@@ -198,7 +198,7 @@ def reference_fused_conv2d(x: Tensor, weight: Tensor, bias=None, scale=None, shi
     compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
     def up(t):
-        return None if t is None else t.to(compute)
+        return t if t is None or t.dtype == compute else t.to(compute)
 
     y = reference_conv(up(x), up(weight), up(bias), stride, padding4, dilation, groups)
     if scale is not None:
@@ -231,15 +231,10 @@ def _allow_tf32() -> bool:
     return bool(torch.backends.cudnn.allow_tf32)
 
 
-def _forward_into(out, x, weight, bias, scale, shift, residual, stride, padding4, dilation, groups, activation,
-                  impl):
-    if impl == "triton":
-        _triton_kernels().forward(x, weight, bias, scale, shift, residual, out, tuple(stride),
-                                  tuple(padding4[:2]), tuple(dilation), groups, activation == "relu",
-                                  _allow_tf32())
-    else:
-        out.copy_(reference_fused_conv2d(x, weight, bias, scale, shift, residual, stride, padding4, dilation,
-                                         groups, activation))
+def _forward_into(out, x, weight, bias, scale, shift, residual, stride, padding4, dilation, groups, activation):
+    """The Triton kernel, into ``out``."""
+    _triton_kernels().forward(x, weight, bias, scale, shift, residual, out, tuple(stride), tuple(padding4[:2]),
+                              tuple(dilation), groups, activation == "relu", _allow_tf32())
 
 
 # --- "auto" on CUDA: per problem, the fastest of the Triton kernel and cuDNN ------------------------------
@@ -354,7 +349,7 @@ def _auto_impl(x, weight, bias, scale, shift, residual, stride, padding4, dilati
     args = (x, weight, bias, scale, shift, residual, stride, padding4, dilation, groups, activation)
     out = _empty_output(x, weight, *output_size(x.shape[2], x.shape[3], weight.shape[2:], stride, padding4, dilation))
     candidates = {
-        "triton": lambda: _forward_into(out, *args, "triton"),
+        "triton": lambda: _forward_into(out, *args),
         "cudnn": lambda: folded_conv2d(*args),
     }
     if activation == "relu":
@@ -401,8 +396,10 @@ def _fused_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Opti
     impl = _implementation(*args)
     if impl in ("cudnn", "cudnn_fused"):  # they allocate their own output
         return folded_conv2d(*args, cudnn_fusion=impl == "cudnn_fused")
+    if impl == "reference":  # its result is the output (in F.conv2d's memory format): no copy into another
+        return reference_fused_conv2d(*args).contiguous(memory_format=_output_memory_format(x, weight))
     out = _empty_output(x, weight, OH, OW)
-    _forward_into(out, *args, impl)
+    _forward_into(out, *args)
     return out
 
 
