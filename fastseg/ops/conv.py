@@ -10,10 +10,11 @@ Layers: ``fused_conv2d`` validates and resolves the arguments; the registered cu
 on CPU and CUDA tensors run its implementation directly, through a torch.autograd.Function when a gradient is
 needed (ops/_eager.py: without the op's dispatch layers a small call's host time drops from about 60 to 30 us on
 the CI machine); the forward runs on one backend: the Triton implicit-GEMM kernel (``conv_kernels.py``) or the
-plain-PyTorch reference below. "auto" on CUDA times the Triton kernel against cuDNN with the affine folded into the weights
-(``folded_conv2d``: torch's convolution, then the residual and ReLU in place; and, when the epilogue ends in a
-ReLU, cuDNN's fused cudnn_convolution_(add_)relu as a third candidate) on the first call of each problem, and
-keeps the fastest (``auto_choices()`` lists what it kept); ``fastseg.backend("triton")`` forces the kernel. The
+plain-PyTorch reference below. "auto" on CUDA times the Triton kernel against cuDNN with the affine folded into
+the weights (``folded_conv2d``: torch's convolution, then the residual and ReLU in place; and, when the epilogue
+ends in a ReLU, cuDNN's fused cudnn_convolution_(add_)relu as a third candidate) on the first call of each
+problem, and keeps the fastest (``auto_choices()`` lists what it kept, ``auto_timings()`` the times it chose by);
+``fastseg.backend("triton")`` forces the kernel. The
 Triton backward kernels are registered ops too (``fused_conv2d_input_grad``, ``fused_conv2d_weight_grad``), so
 torch.compile traces the backward.
 
