@@ -14,9 +14,8 @@ plain-PyTorch reference below. "auto" on CUDA times the Triton kernel against cu
 the weights (``folded_conv2d``: torch's convolution, then the residual and ReLU in place; and, when the epilogue
 ends in a ReLU, cuDNN's fused cudnn_convolution_(add_)relu as a third candidate) on the first call of each
 problem, and keeps the fastest (``auto_choices()`` lists what it kept, ``auto_timings()`` the times it chose by);
-``fastseg.backend("triton")`` forces the kernel. The
-Triton backward kernels are registered ops too (``fused_conv2d_input_grad``, ``fused_conv2d_weight_grad``), so
-torch.compile traces the backward.
+``fastseg.backend("triton")`` forces the kernel. The Triton backward kernels are registered ops too
+(``fused_conv2d_input_grad``, ``fused_conv2d_weight_grad``), so torch.compile traces the backward.
 
 Backward: it runs on the backend the forward ran under (saved in the autograd context), and picks the
 gradients of x and weight by that backend:
