@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import fastseg
 from conftest import (
+    DispatchedOps,
     assert_same,
     extension_available,
     make_input,
@@ -414,15 +415,6 @@ def test_eager_calls_skip_the_op_dispatch_where_it_is_safe():
 def test_op_dispatch_and_eager_paths_agree(op):
     """The public functions give the same results and gradients whether they run the registered op (under a
     dispatch mode, as fake tensors and torch.compile see it) or its implementation directly."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Passthrough(TorchDispatchMode):
-        ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     x = torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
     _, indices = F.max_pool2d(x.detach(), 2, return_indices=True)
@@ -438,8 +430,8 @@ def test_op_dispatch_and_eager_paths_agree(op):
         return out, grads
 
     eager = run()
-    with Passthrough():
+    with DispatchedOps() as mode:
         dispatched = run()
-    assert any(f"fastseg.{op}" in name for name in Passthrough.ops), Passthrough.ops
+    assert any(f"fastseg.{op}" in name for name in mode.names), mode.names
     for a, b in zip((eager[0], *eager[1]), (dispatched[0], *dispatched[1])):
         assert_same(a, b, op)

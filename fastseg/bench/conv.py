@@ -253,9 +253,8 @@ def _loop_order_note(fused: fastseg.nn.ConvBNAct, x: torch.Tensor, device: torch
     from fastseg.bench.harness import time_ms
     from fastseg.ops import conv_kernels
 
-    conv, bn = fused.conv, fused.bn
-    scale = bn.weight.float() / torch.sqrt(bn.running_var.float() + bn.eps)
-    shift = bn.bias.float() - bn.running_mean.float() * scale
+    conv = fused.conv
+    scale, shift = fused.folded_scale_shift()
     N, C, H, W = x.shape
     K, _, KH, KW = conv.weight.shape
     OH, OW = conv_ops.output_size(H, W, (KH, KW), conv.stride, [*conv.padding, *conv.padding], conv.dilation)
