@@ -6,10 +6,14 @@ Every fastseg op has up to three implementations:
   variable ``TRITON_INTERPRET=1`` was set before triton was imported (Triton's interpreter; slow, for tests).
 - ``"extension"``: the compiled extension ``fastseg._C``: C++ kernels for CPU tensors, CUDA kernels for
   CUDA tensors when it was built with CUDA.
+- ``"aten"``: torch's own kernels, for ops where fastseg's gain is on the GPU and torch's kernel is the faster
+  one on the CPU: fused_conv2d (torch's convolution, oneDNN on the CPU, with the affine folded into the weights
+  and bias, and the residual and ReLU in place) and max_unpool2d's forward.
 - ``"reference"``: plain PyTorch, the specification the kernels are tested against.
 
-``"auto"`` (the default) picks Triton for CUDA tensors, and the extension (else the reference) for CPU
-tensors. ``with fastseg.backend(name):`` forces one for the ops called inside the block (per thread).
+``"auto"`` (the default) picks Triton for CUDA tensors; for CPU tensors ATen where the op has it, else the
+extension, else the reference. ``with fastseg.backend(name):`` forces one for the ops called inside the block
+(per thread).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import torch
 
 from fastseg._version import __version__
 
-BACKENDS = ("auto", "triton", "extension", "reference")
+BACKENDS = ("auto", "triton", "extension", "aten", "reference")
 
 _BUILD_HINT = (
     "Build it from the fastseg source tree with\n"
@@ -38,7 +42,7 @@ _BUILD_HINT = (
 
 _active_backend: contextvars.ContextVar[str] = contextvars.ContextVar("fastseg_backend", default="auto")
 
-# op name -> the backends that implement it ("triton", "extension", "reference")
+# op name -> the backends that implement it ("triton", "extension", "aten", "reference")
 _op_backends: dict[str, frozenset[str]] = {}
 
 
@@ -51,9 +55,10 @@ def backend(name: str) -> Iterator[None]:
     """Force the implementation used by fastseg ops inside the ``with`` block.
 
     Args:
-        name: ``"auto"`` (default: Triton on CUDA, the C++ extension or the reference on CPU),
-            ``"triton"`` (Triton kernels; CPU tensors need ``TRITON_INTERPRET=1``),
-            ``"extension"`` (fastseg._C's C++/CUDA kernels) or ``"reference"`` (plain PyTorch).
+        name: ``"auto"`` (default: Triton on CUDA; on CPU ATen, the C++ extension or the reference, in that
+            order, whichever the op has), ``"triton"`` (Triton kernels; CPU tensors need ``TRITON_INTERPRET=1``),
+            ``"extension"`` (fastseg._C's C++/CUDA kernels), ``"aten"`` (torch's own kernels, where an op has
+            them) or ``"reference"`` (plain PyTorch).
     """
     if name not in BACKENDS:
         raise ValueError(f"fastseg.backend: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
@@ -101,7 +106,7 @@ def _extension_runs_on(device_type: str) -> bool:
 
 
 def select(op: str, device: torch.device) -> str:
-    """The implementation ("triton", "extension" or "reference") that runs `op` on `device` now.
+    """The implementation ("triton", "extension", "aten" or "reference") that runs `op` on `device` now.
 
     Raises a RuntimeError naming what is missing when the forced backend cannot run there.
     """
@@ -111,6 +116,8 @@ def select(op: str, device: torch.device) -> str:
     if forced == "auto":
         if dev == "cuda" and "triton" in have and _triton_runs_on(dev):
             return "triton"
+        if "aten" in have:
+            return "aten"
         if "extension" in have and _extension_runs_on(dev):
             return "extension"
         if dev == "cuda" and "triton" in have:

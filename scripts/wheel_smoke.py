@@ -66,6 +66,10 @@ def main():
         if up is not None:
             ref_up = F.max_unpool2d(exp_out.detach(), exp_idx, 3, 2, 1, output_size=x.shape[-2:])
             check(torch.equal(up, ref_up), f"max_unpool2d [{name}]")
+    with fastseg.backend("aten"):
+        up = fastseg.max_unpool2d(exp_out.detach(), exp_idx, 3, 2, 1, output_size=x.shape[-2:])
+    check(torch.equal(up, F.max_unpool2d(exp_out.detach(), exp_idx, 3, 2, 1, output_size=x.shape[-2:])),
+          "max_unpool2d [aten]")
 
     # the permutohedral lattice: extension against the reference
     features = torch.randn(1, 3, 6, 7) * 2
@@ -96,7 +100,7 @@ def main():
     scale, shift = torch.rand(5) + 0.5, torch.randn(5)
     expected = torch.relu(F.conv2d(xc, weight, bias, padding=2, dilation=2) * scale[:, None, None]
                           + shift[:, None, None])
-    for name in ("reference", "triton"):
+    for name in ("reference", "aten", "triton"):
         if name == "triton" and not (_backend.triton_available() and _backend.triton_interpreting()):
             continue
         with fastseg.backend(name):

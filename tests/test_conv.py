@@ -34,7 +34,7 @@ from conftest import DispatchedOps, channels_far_apart, poison_, poisoned, skip_
 from fastseg import _backend
 from fastseg.ops.conv import reference_fused_conv2d
 
-CONV_BACKENDS = ("reference", "triton")
+CONV_BACKENDS = ("reference", "triton", "aten")
 LAYOUTS = ("nchw", "channels_last")
 
 
@@ -128,18 +128,22 @@ def _make(case, dtype, layout, epilogue, device="cpu"):
 
 
 def _run_case(backend, case, dtype, layout, epilogue, monkeypatch):
-    """The op on one backend against the specification; under "triton" the Triton kernels must have run (the
-    reference would pass the comparison too)."""
+    """The op on one backend against the specification; under "triton" the Triton kernels must have run, under
+    "aten" torch's convolution with the affine folded (CPU half types: the reference), since the reference would
+    pass the comparison too."""
     skip_unless_backend(backend)
-    from fastseg.ops import conv_kernels
+    from fastseg.ops import conv as conv_ops, conv_kernels
 
-    launches = []
-    forward = conv_kernels.forward
+    launches, folded = [], []
+    forward, fold = conv_kernels.forward, conv_ops.folded_conv2d
     monkeypatch.setattr(conv_kernels, "forward", lambda *args, **kw: launches.append(1) or forward(*args, **kw))
+    monkeypatch.setattr(conv_ops, "folded_conv2d", lambda *args, **kw: folded.append(1) or fold(*args, **kw))
     x, w, bias, kw, (s, p, d, g), reduction = _make(case, dtype, layout, epilogue)
     with fastseg.backend(backend):
         got = fastseg.fused_conv2d(x, w, bias, s, p, d, g, **kw)
     assert len(launches) == (1 if backend == "triton" else 0), f"{len(launches)} Triton launches under {backend!r}"
+    aten = backend == "aten" and dtype in (torch.float32, torch.float64)
+    assert len(folded) == aten, f"{len(folded)} folded convolutions under {backend!r} in {dtype}"
     expected = _expected(x, w, bias, kw["scale"], kw["shift"], kw["residual"], s, p, d, g, kw["activation"])
     _assert_close(got, expected, dtype, reduction)
     torch_out = F.conv2d(x.float(), w.float(), None, s, p, d, g)
@@ -230,8 +234,8 @@ def test_meta_tensors():
 
 
 def test_auto_dispatch():
-    assert _backend.registered_ops()["fused_conv2d"] == frozenset({"triton", "reference"})
-    assert _backend.select("fused_conv2d", torch.device("cpu")) == "reference"
+    assert _backend.registered_ops()["fused_conv2d"] == frozenset({"triton", "aten", "reference"})
+    assert _backend.select("fused_conv2d", torch.device("cpu")) == "aten"
     if torch.cuda.is_available():
         assert _backend.select("fused_conv2d", torch.device("cuda")) == "triton"
 
@@ -241,10 +245,10 @@ def test_auto_dispatch():
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[_case_ids(c) for c in CASES])
 def test_folded_cudnn_path_matches_the_specification(dtype, layout, index, epilogue_pass, monkeypatch):
-    """"auto"'s cuDNN candidate (the affine folded into weights and bias), through F.conv2d on the CPU: every
-    case, every epilogue in turn, its bias, residual and ReLU in one Triton pass (as on CUDA) or, where Triton
-    cannot run, in torch's in-place ops (the fused cudnn_convolution_(add_)relu candidate is CUDA-only: GPU
-    tests)."""
+    """"auto"'s cuDNN candidate and the "aten" implementation (the affine folded into weights and bias), through
+    F.conv2d on the CPU: every case, every epilogue in turn, its bias, residual and ReLU in one Triton pass (as on
+    CUDA) or in the convolution and torch's in-place ops (as on the CPU; the fused cudnn_convolution_(add_)relu
+    candidate is CUDA-only: GPU tests)."""
     from fastseg.ops import conv as conv_ops
 
     x, w, bias, kw, (s, p, d, g), reduction = _make(CASES[index], dtype, layout, EPILOGUE_NAMES[index % 7])
@@ -257,10 +261,8 @@ def test_folded_cudnn_path_matches_the_specification(dtype, layout, index, epilo
 
         pass_ = conv_kernels.bias_residual_relu_
         monkeypatch.setattr(conv_kernels, "bias_residual_relu_", lambda *a: launches.append(1) or pass_(*a))
-    else:
-        monkeypatch.setattr(_backend, "triton_interpreting", lambda: False)
     got = conv_ops.folded_conv2d(x, w, bias, kw["scale"], kw["shift"], kw["residual"], s2, padding4, d2, g,
-                                 kw["activation"])
+                                 kw["activation"], triton_epilogue=epilogue_pass == "triton")
     expected = _expected(x, w, bias, kw["scale"], kw["shift"], kw["residual"], s, p, d, g, kw["activation"])
     _assert_close(got, expected, dtype, reduction)
     assert got.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last" and x.shape[1] > 1)

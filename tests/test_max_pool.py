@@ -485,6 +485,23 @@ def test_double_backward_refuses_loudly(backend):
 # --------------------------------------------------------------------------------------------------------------
 # max_unpool2d
 # --------------------------------------------------------------------------------------------------------------
+UNPOOL_BACKENDS = ("reference", "triton", "aten")
+
+
+@pytest.fixture(params=UNPOOL_BACKENDS)
+def unpool_backend(request):
+    """Runs an unpool test under fastseg.backend(name) for every backend of max_unpool2d that can run here."""
+    assert has_impl("max_unpool2d", request.param)
+    skip_unless_backend(request.param)
+    with fastseg.backend(request.param):
+        yield request.param
+
+
+def pooling_under(backend):
+    """fastseg's pooling inside an unpool test: on the test's backend, or "auto" where max_pool2d has none."""
+    return fastseg.backend(backend if has_impl("max_pool2d", backend) else "auto")
+
+
 UNPOOL_CASES = [
     pytest.param((2, 3, 8, 10), 2, None, 0, id="k2"),
     pytest.param((1, 2, 7, 9), 3, 2, 1, id="k3s2p1"),
@@ -496,10 +513,9 @@ UNPOOL_CASES = [
 
 @pytest.mark.parametrize("shape,k,s,p", UNPOOL_CASES)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
-def test_unpool_round_trip(backend, shape, k, s, p, layout):
+def test_unpool_round_trip(unpool_backend, shape, k, s, p, layout):
     """pool -> unpool gives the same tensor through torch and fastseg, from torch's indices and from fastseg's
     (overlapping windows give duplicate indices, all with the same value)."""
-    skip_unless_unpool(backend)
     x = make_input(shape, torch.float32, "ties")
     if len(shape) == 4:
         x = to_layout(x, layout)
@@ -508,7 +524,8 @@ def test_unpool_round_trip(backend, shape, k, s, p, layout):
     got = fastseg.max_unpool2d(out, idx, k, s, p, output_size=x.shape[-2:])
     assert_same(got, expected, "unpool of torch's pooling")
     assert got.stride() == expected.stride(), f"unpool output strides {got.stride()} != torch's {expected.stride()}"
-    fout, fidx = fastseg.max_pool2d_with_indices(x, k, s, p)
+    with pooling_under(unpool_backend):
+        fout, fidx = fastseg.max_pool2d_with_indices(x, k, s, p)
     got2 = fastseg.max_unpool2d(fout, fidx, k, s, p, output_size=x.shape[-2:])
     assert_same(got2, expected, "unpool of fastseg's pooling")
     kk, ss, pp, _ = norm_args(k, s, p, 1)
@@ -517,19 +534,17 @@ def test_unpool_round_trip(backend, shape, k, s, p, layout):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64, torch.bfloat16], ids=str)
-def test_unpool_dtypes(backend, dtype):
-    skip_unless_unpool(backend)
-    if dtype not in dtypes_for(backend):
-        pytest.skip(f"{dtype} is not run on the {backend} backend on CPU (Triton's interpreter)")
+def test_unpool_dtypes(unpool_backend, dtype):
+    if dtype not in dtypes_for(unpool_backend):
+        pytest.skip(f"{dtype} is not run on the {unpool_backend} backend on CPU (Triton's interpreter)")
     x = make_input((2, 2, 6, 8), dtype, "mixed")
     out, idx = F.max_pool2d(x.double(), 2, return_indices=True)
     out = out.to(dtype)
     assert_same(fastseg.max_unpool2d(out, idx, 2), F.max_unpool2d(out, idx, 2))
 
 
-def test_unpool_mixed_layouts(backend):
+def test_unpool_mixed_layouts(unpool_backend):
     """Values and indices in different layouts (and a non-contiguous view)."""
-    skip_unless_unpool(backend)
     x = make_input((2, 3, 8, 10), torch.float32, "unique")
     out, idx = F.max_pool2d(x, 2, return_indices=True)
     for lo, li in [("nchw", "channels_last"), ("channels_last", "nchw"), ("strided", "transposed"),
@@ -538,8 +553,7 @@ def test_unpool_mixed_layouts(backend):
         assert_same(fastseg.max_unpool2d(o, i, 2), F.max_unpool2d(o, i, 2), f"values {lo}, indices {li}")
 
 
-def test_unpool_output_size_variants(backend):
-    skip_unless_unpool(backend)
+def test_unpool_output_size_variants(unpool_backend):
     x = torch.randn(2, 3, 9, 11)
     out, idx = F.max_pool2d(x, 2, return_indices=True)
     for size in [(9, 11), (9, 10), [1, 1, 9, 10], torch.Size([2, 3, 8, 11])]:  # every plane holds index 86
@@ -550,10 +564,9 @@ def test_unpool_output_size_variants(backend):
         )
 
 
-def test_unpool_duplicate_indices_any_one_wins(backend):
+def test_unpool_duplicate_indices_any_one_wins(unpool_backend):
     """Random indices with many duplicates: each output element is 0 where no index points, else one of the
     values whose index points there."""
-    skip_unless_unpool(backend)
     N, C, H, W, OH, OW = 2, 2, 4, 5, 7, 9  # an output_size kernel 2 allows for a 4x5 input
     x = make_input((N, C, H, W), torch.float32, "unique") + 1.0  # distinct and non-zero
     idx = torch.randint(0, 5, (N, C, H, W))  # only 5 targets: heavy duplication
@@ -572,9 +585,8 @@ def test_unpool_duplicate_indices_any_one_wins(backend):
                         f"[{n},{c}].flat[{j}] = {flat[j].item()} is none of {candidates.tolist()}")
 
 
-def test_unpool_gradient(backend):
+def test_unpool_gradient(unpool_backend):
     """Gradient of max_unpool2d == torch's (a gather, exact), including duplicate indices."""
-    skip_unless_unpool(backend)
     for layout in ("nchw", "channels_last"):
         x = to_layout(make_input((2, 3, 5, 6), torch.float32, "unique"), layout)
         out, idx = F.max_pool2d(x, 3, 1, 1, return_indices=True)  # overlapping: duplicate indices
@@ -588,15 +600,15 @@ def test_unpool_gradient(backend):
         assert_same(gb, ga, "unpool gradient")
 
 
-def test_pool_unpool_chain_gradient(backend):
+def test_pool_unpool_chain_gradient(unpool_backend):
     """SegNet's pattern: pool with indices, unpool with them; gradient to the input == torch's."""
-    skip_unless_unpool(backend)
     x = make_input((2, 2, 8, 9), torch.float32, "ties")
     xa = x.clone().requires_grad_()
     xb = x.clone().requires_grad_()
     o, i = F.max_pool2d(xa, 2, return_indices=True)
     ya = F.max_unpool2d(o * 2, i, 2, output_size=x.shape[-2:])
-    o, i = fastseg.max_pool2d_with_indices(xb, 2)
+    with pooling_under(unpool_backend):
+        o, i = fastseg.max_pool2d_with_indices(xb, 2)
     yb = fastseg.max_unpool2d(o * 2, i, 2, output_size=x.shape[-2:])
     assert_same(yb, ya)
     g = torch.randn_like(ya)
@@ -610,8 +622,7 @@ def _raises_like_torch(torch_fn, fast_fn, pattern):
         fast_fn()
 
 
-def test_unpool_bad_arguments_raise_like_torch(backend):
-    skip_unless_unpool(backend)
+def test_unpool_bad_arguments_raise_like_torch(unpool_backend):
     x = torch.randn(1, 2, 4, 4)
     out, idx = F.max_pool2d(x, 2, return_indices=True)
     cases = [

@@ -21,6 +21,7 @@ from xml.etree.ElementTree import ParseError
 import torch
 
 import fastseg
+from fastseg import _backend
 from fastseg.bench import harness
 
 # In the order they run (a --budget-s cut drops the last ones): whole networks first (the main job: what
@@ -35,7 +36,6 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 # Most used first: a run cut short by its time budget loses the last dtype's cases, not whole ops.
 GPU_DTYPES = ("bfloat16", "float16", "float32")
 CPU_DTYPES = ("float32",)
-BACKENDS = ("auto", "triton", "extension", "reference")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -55,7 +55,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "default: torch's")
     parser.add_argument("--filter", default="",
                         help="run only cases whose 'op | case | dtype | layout | pass' label contains this text")
-    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=["auto"],
+    parser.add_argument("--backends", nargs="+", choices=_backend.BACKENDS, default=["auto"],
                         help="fastseg backends to time, each its own rows (default: auto)")
     parser.add_argument("--budget-s", type=float,
                         help="start no case once the cases have run this many seconds; the rest become 'skipped' rows")

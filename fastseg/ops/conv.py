@@ -14,7 +14,10 @@ plain-PyTorch reference below. "auto" on CUDA times the Triton kernel against cu
 the weights (``folded_conv2d``: torch's convolution, then the residual and ReLU in place; and, when the epilogue
 ends in a ReLU, cuDNN's fused cudnn_convolution_(add_)relu as a third candidate) on the first call of each
 problem, and keeps the fastest (``auto_choices()`` lists what it kept, ``auto_timings()`` the times it chose by);
-``fastseg.backend("triton")`` forces the kernel. The Triton backward kernels are registered ops too
+``fastseg.backend("triton")`` forces the kernel. On the CPU "auto" runs ATen (``folded_conv2d`` through
+oneDNN's convolution, which adds the folded bias itself): a pass fewer than eager conv -> BatchNorm -> ReLU;
+float16 and bfloat16 CPU tensors run on the reference, which computes in float32 (torch's CPU half-precision
+convolutions may accumulate in half). The Triton backward kernels are registered ops too
 (``fused_conv2d_input_grad``, ``fused_conv2d_weight_grad``), so torch.compile traces the backward.
 
 Backward: it runs on the backend the forward ran under (saved in the autograd context), and picks the
@@ -24,7 +27,7 @@ gradients of x and weight by that backend:
   Triton kernels of ``conv_backward_kernels.py``, an implicit GEMM for the input gradient and one for the weight
   gradient, each applying the epilogue's chain rule (ReLU mask from the saved output, times scale) as it loads
   grad_out, so the gradient at the convolution's output never materialises.
-- ``"auto"`` (on CUDA too, whichever forward it runs), ``"reference"``, depthwise and float64:
+- ``"auto"`` (on CUDA too, whichever forward it runs), ``"aten"``, ``"reference"``, depthwise and float64:
   torch's own convolution backward (``aten.convolution_backward``: cuDNN on CUDA) applied to the gradient at
   the convolution's output, computed in plain PyTorch from the same chain rule. "auto" keeps cuDNN until GPU
   measurements (``python -m fastseg bench --ops conv --backends auto triton``, the train_step rows) show the Triton
@@ -45,7 +48,7 @@ from torch import Tensor
 from fastseg import _backend
 from fastseg.ops._eager import needs_grad, skips_dispatch
 
-_backend.register_op("fused_conv2d", {"triton", "reference"})
+_backend.register_op("fused_conv2d", {"triton", "aten", "reference"})
 
 ACTIVATIONS = (None, "relu")
 
@@ -247,11 +250,13 @@ def _forward_into(out, x, weight, bias, scale, shift, residual, stride, padding4
 
 
 def folded_conv2d(x: Tensor, weight: Tensor, bias, scale, shift, residual, stride, padding4, dilation, groups,
-                  activation, *, cudnn_fusion: bool = False) -> Tensor:
-    """The fused op through torch's convolution (cuDNN on CUDA), the affine folded into the weights and bias
-    (weight * scale and bias * scale + shift, computed in float32 or wider and rounded once to x's dtype):
-    F.conv2d without bias, then bias, residual and ReLU in place: in one pass of a Triton kernel for a
-    channels_last output (on CUDA, or CPU tensors under Triton's interpreter), else torch's ops, a pass each.
+                  activation, *, cudnn_fusion: bool = False, triton_epilogue: bool | None = None) -> Tensor:
+    """The fused op through torch's convolution (cuDNN on CUDA, oneDNN on the CPU), the affine folded into the
+    weights and bias (weight * scale and bias * scale + shift, computed in float32 or wider and rounded once to
+    x's dtype), then the residual and ReLU in place. With ``triton_epilogue`` (default: on CUDA, outside CUDA-graph
+    capture; True runs it on CPU tensors under Triton's interpreter) F.conv2d without bias, then bias, residual
+    and ReLU in one pass of a Triton kernel where the output is channels_last; else F.conv2d with the bias, and
+    torch's in-place ops, a pass each.
     With ``cudnn_fusion`` (CUDA tensors and an epilogue ending in a ReLU; anything else raises) cuDNN's fused
     convolution + bias (+ residual) + ReLU instead (torch.cudnn_convolution_relu / cudnn_convolution_add_relu):
     one call, but its kernels can be many times slower than the plain convolution's (pytorch#68506:
@@ -280,17 +285,19 @@ def folded_conv2d(x: Tensor, weight: Tensor, bias, scale, shift, residual, strid
         else:
             y = torch.cudnn_convolution_add_relu(x, weight, residual, 1.0, bias, stride, padding, dilation, groups)
     else:
-        # torch adds a convolution's bias in a pass of its own (cuDNN's convolution takes none), then the residual
-        # and the ReLU in one pass each. One Triton pass over a channels_last output does all three, with 16-byte
-        # accesses (an NCHW one would be read 2 bytes at a time: torch's passes stay there). Not while a CUDA graph
-        # is captured: "auto" runs untimed problems here then, and the pass could be compiling for the first time.
-        y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-        triton_pass = (x.is_cuda and not torch.cuda.is_current_stream_capturing()) or _backend.triton_interpreting()
-        if (triton_pass and y.is_contiguous(memory_format=torch.channels_last)
+        # On CUDA torch adds a convolution's bias in a pass of its own (cuDNN's convolution takes none), then the
+        # residual and the ReLU in one pass each. One Triton pass over a channels_last output does all three, with
+        # 16-byte accesses (an NCHW one would be read 2 bytes at a time: torch's passes stay there). Not while a
+        # CUDA graph is captured: "auto" runs untimed problems here then, and the pass could be compiling for the
+        # first time.
+        if triton_epilogue is None:
+            triton_epilogue = x.is_cuda and not torch.cuda.is_current_stream_capturing()
+        y = F.conv2d(x, weight, None if triton_epilogue else bias, stride, padding, dilation, groups)
+        if (triton_epilogue and y.is_contiguous(memory_format=torch.channels_last)
                 and (bias is not None or residual is not None or activation == "relu")):
             _triton_kernels().bias_residual_relu_(y, bias, residual, activation == "relu")
         else:
-            if bias is not None:
+            if triton_epilogue and bias is not None:
                 y = y.add_(bias.view(1, -1, 1, 1))
             if residual is not None:
                 y = y.add_(residual)
@@ -371,9 +378,13 @@ def _auto_impl(x, weight, bias, scale, shift, residual, stride, padding4, dilati
 
 
 def _implementation(x, weight, bias, scale, shift, residual, stride, padding4, dilation, groups, activation) -> str:
-    """"triton", "cudnn", "cudnn_fused" or "reference": what runs the forward now (float64 has no Triton kernel, no float64
-    tensor cores: it runs on the reference everywhere)."""
+    """"triton", "cudnn", "cudnn_fused", "aten" or "reference": what runs the forward now. "aten" and "cudnn" are
+    both folded_conv2d ("cudnn": among "auto"'s CUDA candidates). float64 has no Triton kernel (and no float64
+    tensor cores): under "triton" it runs on the reference; so do float16 and bfloat16 CPU tensors under "aten"
+    (see the module doc)."""
     impl = _backend.select("fused_conv2d", x.device)
+    if impl == "aten":
+        return "reference" if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16) else "aten"
     if impl != "triton" or x.dtype == torch.float64:
         return "reference"
     if _backend.current_backend() == "auto" and x.is_cuda:
@@ -394,7 +405,7 @@ def _fused_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Opti
         return _empty_output(x, weight, OH, OW)
     args = (x, weight, bias, scale, shift, residual, stride, padding, dilation, groups, activation)
     impl = _implementation(*args)
-    if impl in ("cudnn", "cudnn_fused"):  # they allocate their own output
+    if impl in ("aten", "cudnn", "cudnn_fused"):  # they allocate their own output
         return folded_conv2d(*args, cudnn_fusion=impl == "cudnn_fused")
     if impl == "reference":  # its result is the output (in F.conv2d's memory format): no copy into another
         return reference_fused_conv2d(*args).contiguous(memory_format=_output_memory_format(x, weight))
@@ -562,12 +573,13 @@ def fused_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1
 
     On CUDA, "auto" runs the Triton kernel or cuDNN (the affine folded into the weights and bias; with or
     without cuDNN's own ReLU fusion), whichever it timed fastest on the first call with these shapes and
-    parameters; ``fastseg.backend("triton")`` forces the kernel.
+    parameters; ``fastseg.backend("triton")`` forces the kernel. On the CPU "auto" runs torch's convolution
+    with the affine folded into the weights (float32 and float64; half types on the reference).
     float32 uses TF32 tensor cores only when torch.backends.cudnn.allow_tf32 is set, as F.conv2d on CUDA.
     Under torch.autocast x, weight, bias and residual are cast to the autocast dtype, as F.conv2d's inputs are.
     Differentiable in x, weight, bias, scale, shift and residual. The backward runs on the forward's backend:
     under ``fastseg.backend("triton")`` (groups 1) the gradients of x and weight come from Triton kernels that
-    apply the ReLU mask and scale as they read the output gradient; under "auto" (CUDA included) and
+    apply the ReLU mask and scale as they read the output gradient; under "auto" (CUDA included), "aten" and
     "reference", and for depthwise or float64, from torch's convolution backward (cuDNN on CUDA), which "auto"
     keeps until GPU measurements show the Triton backward faster. The other gradients are PyTorch reductions.
     """

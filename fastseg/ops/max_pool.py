@@ -12,7 +12,9 @@ autograd and fake implementations (torch.compile); eager calls on CPU and CUDA t
 implementation directly, through a torch.autograd.Function when a gradient is needed, without the op's dispatch
 layers (ops/_eager.py: forward + backward of a 4x4 pool took 165 us through the op, 80 us this way, torch's own
 25 us, on the CI machine); each op's kernels come from one backend (Triton, the
-compiled extension or the plain-PyTorch reference below), all following CONTRACT_max_pool.md.
+compiled extension or the plain-PyTorch reference below), all following CONTRACT_max_pool.md; max_unpool2d's
+forward on the CPU is torch's own kernel ("aten": one pass, several times faster than the reference's scatter),
+its backward the reference's gather.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from fastseg import _backend
 from fastseg.ops._eager import backward_of, needs_grad, skips_dispatch
 
 _backend.register_op("max_pool2d", {"triton", "extension", "reference"})
-_backend.register_op("max_unpool2d", {"triton", "reference"})
+_backend.register_op("max_unpool2d", {"triton", "aten", "reference"})
 
 
 # --- argument handling, as torch does it ----------------------------------------------------------
@@ -363,6 +365,10 @@ class _MaxPool2dFunction(torch.autograd.Function):
 
 def _max_unpool2d(x: Tensor, indices: Tensor, output_size: Sequence[int]) -> Tensor:
     """Scatter a 4-D input into zeros of spatial size output_size at its plane indices."""
+    if _backend.select("max_unpool2d", x.device) == "aten":
+        if x.device.type != "cpu":  # torch's CPU kernel raises for an index out of range; its CUDA kernel asserts
+            _check_unpool_indices(indices, output_size)
+        return torch.ops.aten.max_unpool2d(x, indices, list(output_size))
     out = _empty_like_layout((*x.shape[:2], *output_size), x, x.dtype).zero_()
     if x.numel():
         if x.device.type == "cpu":

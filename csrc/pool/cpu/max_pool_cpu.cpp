@@ -1,10 +1,11 @@
 // CPU kernels of fastseg::ext_max_pool2d_out and fastseg::ext_max_pool2d_backward_out.
 //
 // The per-element work is the shared math in pool/max_pool_math.h; this file chooses the loop order and
-// splits the work across threads with at::parallel_for. Two faster paths give the same results as the generic
+// splits the work across threads with at::parallel_for. Three faster paths give the same results as the generic
 // per-element one: the forward of channels-contiguous (channels_last) tensors walks each window once for a block
-// of channels, the compare and select over contiguous memory (they vectorise); the backward of windows that do
-// not overlap finds each input pixel's single window once per row and column instead of per element.
+// of channels, the compare and select over contiguous memory (they vectorise); the forward of row-contiguous
+// (NCHW) tensors scans the windows inside the image without bounds checks; the backward of windows that do not
+// overlap finds each input pixel's single window once per row and column instead of per element.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -66,15 +67,17 @@ bool channels_contiguous(const at::Tensor& t) {
 
 // Forward for channels-contiguous x, out and argmax: per output pixel, each in-bounds tap of the window in
 // row-major order updates a block of channels at once (max_pool2d_forward_element's scan and rules). The scan
-// keeps each channel's best tap in scan_t: the argmax type itself for the narrow (window offset) encodings, and
-// for int64 plane indices the int32 window offset, turned into plane indices once per pixel through a table of
-// the window's taps (64-bit lanes beside the values' 32-bit ones kept the select from vectorising: 6x slower).
+// keeps each channel's best tap as an int32, beside the values' 32-bit lanes (narrower or wider lanes slow the
+// vectorised select: int64 plane indices 6x, int8 window offsets 1.3x): the argmax encoding itself for window
+// offsets, and for int64 plane indices the window offset, turned into plane indices once per pixel through a
+// table of the window's taps. float and double keep no copy of the running maximum beside the compared one.
 template <typename scalar_t, typename idx_t>
 void forward_channels_contiguous(const at::Tensor& x, const at::Tensor& out, const at::Tensor& argmax,
                                  const PoolWindow<int64_t>& p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool plane_indices = sizeof(idx_t) == sizeof(int64_t);
-  using scan_t = std::conditional_t<plane_indices, int32_t, idx_t>;
+  // The compare runs in acc_t; a value type of another width (half types) keeps the winner's bits apart.
+  constexpr bool same_type = std::is_same_v<scalar_t, acc_t>;
   const scalar_t* x_data = x.const_data_ptr<scalar_t>();
   scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
   idx_t* argmax_data = argmax.mutable_data_ptr<idx_t>();
@@ -85,7 +88,7 @@ void forward_channels_contiguous(const at::Tensor& x, const at::Tensor& out, con
   at::parallel_for(0, out.size(0) * OH, grain, [&](int64_t begin, int64_t end) {
     acc_t best[kChannelBlock];
     scalar_t best_val[kChannelBlock];
-    scan_t best_tap[kChannelBlock];
+    int32_t best_tap[kChannelBlock];
     std::vector<idx_t> code_of_tap(plane_indices ? static_cast<size_t>(p.kh * p.kw) : 0);
     auto pixel = [&](int64_t n, int64_t oh, int64_t ow) {
       const int64_t hstart = oh * p.sh - p.ph, wstart = ow * p.sw - p.pw;
@@ -93,7 +96,7 @@ void forward_channels_contiguous(const at::Tensor& x, const at::Tensor& out, con
       const int64_t first_code = plane_indices ? r0 * p.kw + c0
                                                : encode_argmax<idx_t>(r0, c0, p.kw, hstart + r0 * p.dh,
                                                                       wstart + c0 * p.dw, W);
-      const scan_t first = static_cast<scan_t>(first_code);
+      const int32_t first = static_cast<int32_t>(first_code);
       if constexpr (plane_indices) {
         for (int64_t r = 0; r < p.kh; ++r) {
           for (int64_t c = 0; c < p.kw; ++c) {
@@ -108,7 +111,9 @@ void forward_channels_contiguous(const at::Tensor& x, const at::Tensor& out, con
         const int64_t cn = std::min(kChannelBlock, C - cb);
         for (int64_t j = 0; j < cn; ++j) {
           best[j] = -static_cast<acc_t>(INFINITY);
-          best_val[j] = static_cast<scalar_t>(best[j]);
+          if constexpr (!same_type) {
+            best_val[j] = static_cast<scalar_t>(best[j]);
+          }
           best_tap[j] = first;
         }
         for (int64_t r = r0; r < p.kh; ++r) {
@@ -122,31 +127,98 @@ void forward_channels_contiguous(const at::Tensor& x, const at::Tensor& out, con
               break;
             }
             const scalar_t* __restrict tap = x_n + ih * xs[2] + iw * xs[3] + cb;
-            const scan_t code =
-                static_cast<scan_t>(plane_indices ? r * p.kw + c : encode_argmax<idx_t>(r, c, p.kw, ih, iw, W));
+            const int32_t code =
+                static_cast<int32_t>(plane_indices ? r * p.kw + c : encode_argmax<idx_t>(r, c, p.kw, ih, iw, W));
             for (int64_t j = 0; j < cn; ++j) {
               const scalar_t t = tap[j];
               const acc_t v = static_cast<acc_t>(t);
               const bool take = replaces_max(v, best[j]);
               best[j] = take ? v : best[j];
-              best_val[j] = take ? t : best_val[j];
+              if constexpr (!same_type) {
+                best_val[j] = take ? t : best_val[j];
+              }
               best_tap[j] = take ? code : best_tap[j];
             }
           }
         }
-        std::copy(best_val, best_val + cn, o + cb);
-        if constexpr (plane_indices) {
-          for (int64_t j = 0; j < cn; ++j) {
-            a[cb + j] = code_of_tap[best_tap[j]];
-          }
+        if constexpr (same_type) {
+          std::copy(best, best + cn, o + cb);
         } else {
-          std::copy(best_tap, best_tap + cn, a + cb);
+          std::copy(best_val, best_val + cn, o + cb);
+        }
+        for (int64_t j = 0; j < cn; ++j) {
+          a[cb + j] = plane_indices ? code_of_tap[best_tap[j]] : static_cast<idx_t>(best_tap[j]);
         }
       }
     };
     for (int64_t row = begin; row < end; ++row) {
       for (int64_t ow = 0; ow < OW; ++ow) {
         pixel(row / OH, row % OH, ow);
+      }
+    }
+  });
+}
+
+// Forward for inputs whose rows are contiguous (NCHW): a row of outputs (n, c, oh) at a time. The windows that
+// lie wholly within the row's columns (all but a few at the edges) scan their taps without bounds checks, in
+// max_pool2d_forward_element's order and by its rules (replaces_max; the first in-bounds tap when no tap
+// replaces the initial -inf; the winner's own bits), and encode the argmax once, for the winner; the edge
+// windows call max_pool2d_forward_element itself. kKh, kKw > 0: that window size (the taps unroll); 0: p's.
+template <typename scalar_t, typename idx_t, int kKh, int kKw>
+void forward_rows(const at::Tensor& x, const at::Tensor& out, const at::Tensor& argmax, const PoolWindow<int64_t>& p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t kh = kKh > 0 ? kKh : p.kh, kw = kKw > 0 ? kKw : p.kw;
+  const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+  scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
+  idx_t* argmax_data = argmax.mutable_data_ptr<idx_t>();
+  const int64_t C = x.size(1), H = x.size(2), W = x.size(3), OH = out.size(2), OW = out.size(3);
+  const auto xs = x.strides(), os = out.strides(), as = argmax.strides();
+  // Interior columns: ow_lo <= ow < ow_end, where ow * sw - pw >= 0 and ow * sw - pw + (kw - 1) * dw < W.
+  const int64_t ow_lo = std::min(OW, (p.pw + p.sw - 1) / p.sw);
+  const int64_t last_start = W - 1 + p.pw - (kw - 1) * p.dw;  // the largest ow * sw of an interior window
+  const int64_t ow_end = last_start < 0 ? ow_lo : std::clamp(last_start / p.sw + 1, ow_lo, OW);
+  const int64_t grain = std::max<int64_t>(1, kTapsPerChunk / std::max<int64_t>(1, OW * kh * kw));
+  at::parallel_for(0, out.size(0) * C * OH, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {  // (n, c, oh)
+      const int64_t oh = row % OH, c = (row / OH) % C, n = row / (OH * C);
+      const scalar_t* plane = x_data + n * xs[0] + c * xs[1];
+      scalar_t* o = out_data + n * os[0] + c * os[1] + oh * os[2];
+      idx_t* a = argmax_data + n * as[0] + c * as[1] + oh * as[2];
+      auto edge = [&](int64_t ow) {
+        max_pool2d_forward_element<scalar_t, acc_t, idx_t, int64_t>(plane, H, W, xs[2], int64_t(1), p, oh, ow,
+                                                                    o + ow * os[3], a + ow * as[3]);
+      };
+      const int64_t hstart = oh * p.sh - p.ph;
+      const int64_t r0 = first_valid_tap(hstart, p.dh);
+      const int64_t r_end = std::min(kh, (H - hstart + p.dh - 1) / p.dh);  // rows r0 .. r_end - 1 lie in 0..H-1
+      const int64_t interior_end = r0 < r_end ? ow_end : ow_lo;  // no row in bounds: every window an edge one
+      for (int64_t ow = 0; ow < ow_lo; ++ow) {
+        edge(ow);
+      }
+      for (int64_t ow = ow_lo; ow < interior_end; ++ow) {
+        const int64_t wstart = ow * p.sw - p.pw;
+        const scalar_t* window = plane + (hstart + r0 * p.dh) * xs[2] + wstart;
+        acc_t best = -static_cast<acc_t>(INFINITY);
+        scalar_t best_val = static_cast<scalar_t>(best);
+        int64_t best_r = r0, best_c = 0;
+        for (int64_t r = r0; r < r_end; ++r) {
+          const scalar_t* taps = window + (r - r0) * p.dh * xs[2];
+          for (int64_t tc = 0; tc < kw; ++tc) {
+            const scalar_t v = taps[tc * p.dw];
+            const acc_t val = static_cast<acc_t>(v);
+            if (replaces_max(val, best)) {
+              best = val;
+              best_val = v;
+              best_r = r;
+              best_c = tc;
+            }
+          }
+        }
+        o[ow * os[3]] = best_val;
+        a[ow * as[3]] = encode_argmax<idx_t>(best_r, best_c, kw, hstart + best_r * p.dh, wstart + best_c * p.dw, W);
+      }
+      for (int64_t ow = interior_end; ow < OW; ++ow) {
+        edge(ow);
       }
     }
   });
@@ -159,6 +231,16 @@ void forward_impl(const at::Tensor& x, const at::Tensor& out, const at::Tensor& 
   if (channels_contiguous(x) && channels_contiguous(out) && channels_contiguous(argmax) &&
       p.kh * p.kw <= std::numeric_limits<int32_t>::max()) {
     forward_channels_contiguous<scalar_t, idx_t>(x, out, argmax, p);
+    return;
+  }
+  if (x.stride(3) == 1) {
+    if (p.kh == 2 && p.kw == 2) {
+      forward_rows<scalar_t, idx_t, 2, 2>(x, out, argmax, p);
+    } else if (p.kh == 3 && p.kw == 3) {
+      forward_rows<scalar_t, idx_t, 3, 3>(x, out, argmax, p);
+    } else {
+      forward_rows<scalar_t, idx_t, 0, 0>(x, out, argmax, p);
+    }
     return;
   }
   using acc_t = at::opmath_type<scalar_t>;
