@@ -449,6 +449,15 @@ def test_backward_overlapping_ties_and_layouts(backend, grad):
             check_backward(x, (2, 3), (1, 2), (1, 1), (2, 1), True, grad=grad)
 
 
+def test_backward_channel_blocks(backend):
+    """More channels than one block of the CPU kernels (64), overlapping and disjoint windows, with a padded
+    last block, in a float type and a half type (summed in a float buffer)."""
+    for dtype in dtypes_for(backend)[::-1][:2]:
+        x = to_layout(make_input((1, 70, 5, 6), dtype, "ties"), "channels_last")
+        check_backward(x, 3, 1, 1)
+        check_backward(x, 2, 2, 0, 1, True)
+
+
 def test_backward_3d_input(backend):
     x = make_input((2, 6, 7), torch.float32, "ties")
     check_backward(x, 3, 2, 1)

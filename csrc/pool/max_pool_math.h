@@ -1,7 +1,9 @@
 // Max-pool 2d arithmetic shared by the CPU kernels (csrc/pool/cpu) and the CUDA kernels (csrc/pool/cuda).
 //
-// Both backends call these functions for every element they produce, so the CPU tests also cover the
-// arithmetic the GPU runs. The semantics are fastseg/ops/CONTRACT_max_pool.md.
+// The CUDA kernels call these functions for every element they produce; the CPU kernels call them on their
+// generic paths (any strides; the tests run them through strided outputs) and build their faster paths from
+// the same pieces, so the CPU tests also cover the arithmetic the GPU runs. The semantics are
+// fastseg/ops/CONTRACT_max_pool.md.
 //
 // The header is torch-free on purpose: scalar_t is any type that converts to and from acc_t (c10::Half and
 // c10::BFloat16 do on host and device), and I is the index type (int32_t when every element offset fits,

@@ -1,11 +1,13 @@
 // CPU kernels of fastseg::ext_max_pool2d_out and fastseg::ext_max_pool2d_backward_out.
 //
 // The per-element work is the shared math in pool/max_pool_math.h; this file chooses the loop order and
-// splits the work across threads with at::parallel_for. Three faster paths give the same results as the generic
-// per-element one: the forward of channels-contiguous (channels_last) tensors walks each window once for a block
-// of channels, the compare and select over contiguous memory (they vectorise); the forward of row-contiguous
-// (NCHW) tensors scans the windows inside the image without bounds checks; the backward of windows that do not
-// overlap finds each input pixel's single window once per row and column instead of per element.
+// splits the work across threads with at::parallel_for. Faster paths give the same results as the generic
+// per-element ones, which serve other strides (and cover the math the CUDA kernels share): the forward of
+// channels-contiguous (channels_last) tensors walks each window once for a block of channels, the compare and
+// select over contiguous memory (they vectorise); the forward of row-contiguous (NCHW) tensors scans the
+// windows inside the image without bounds checks; the backward of channels-contiguous tensors whose windows do
+// not overlap finds each input pixel's single window once per row and column; the backward into NCHW or other
+// channels_last gradients scatters each output's gradient to its argmax, in the gather's order of sums.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -270,11 +272,10 @@ inline void window_holding(int64_t i, int64_t kernel, int64_t stride, int64_t pa
   }
 }
 
-// Backward for windows that do not overlap (a 2x2 stride-2 pool): each input pixel lies in at most one window,
-// found once per row and (through a table) per column instead of per element; its gradient is that window's
-// where the argmax names it, else 0 (what max_pool2d_backward_element sums over its single window).
-// Channels-contiguous tensors go a pixel at a time with the channels innermost (the select vectorises); the
-// others a row (n, c, ih) at a time.
+// Backward for channels-contiguous tensors whose windows do not overlap (a 2x2 stride-2 pool): each input pixel
+// lies in at most one window, found once per row and (through a table) per column; its gradient is that
+// window's where the argmax names it, else 0 (what max_pool2d_backward_element sums over its single window), a
+// pixel at a time with the channels innermost (the select vectorises).
 template <typename scalar_t, typename idx_t>
 void backward_disjoint_windows(const at::Tensor& grad_out, const at::Tensor& argmax, const at::Tensor& grad_in,
                                const PoolWindow<int64_t>& p) {
@@ -288,53 +289,117 @@ void backward_disjoint_windows(const at::Tensor& grad_out, const at::Tensor& arg
   for (int64_t iw = 0; iw < W; ++iw) {
     window_holding(iw, p.kw, p.sw, p.pw, p.dw, OW, column_window[iw], column_tap[iw]);
   }
-  if (channels_contiguous(grad_out) && channels_contiguous(argmax) && channels_contiguous(grad_in)) {
-    const int64_t grain = std::max<int64_t>(1, kTapsPerChunk / std::max<int64_t>(1, W * C));
-    at::parallel_for(0, grad_in.size(0) * H, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {  // (n, ih)
-        const int64_t ih = row % H, n = row / H;
-        int64_t oh, r;
-        window_holding(ih, p.kh, p.sh, p.ph, p.dh, OH, oh, r);
-        for (int64_t iw = 0; iw < W; ++iw) {
-          // restrict: an int8 argmax is a char type, which may alias anything, and would keep the loop scalar
-          scalar_t* __restrict gi = gi_data + n * gis[0] + ih * gis[2] + iw * gis[3];
-          const int64_t ow = column_window[iw], c = column_tap[iw];
-          if (r < 0 || c < 0) {
-            std::fill(gi, gi + C, scalar_t(0));
-            continue;
-          }
-          const scalar_t* __restrict go = go_data + n * gos[0] + oh * gos[2] + ow * gos[3];
-          const idx_t* __restrict a = argmax_data + n * as[0] + oh * as[2] + ow * as[3];
-          const idx_t code = encode_argmax<idx_t>(r, c, p.kw, ih, iw, W);
-          for (int64_t j = 0; j < C; ++j) {
-            const scalar_t g = go[j];  // loaded either way: a select, not a branch, so the loop vectorises
-            gi[j] = a[j] == code ? g : scalar_t(0);
-          }
-        }
-      }
-    });
-    return;
-  }
-  const int64_t grain = std::max<int64_t>(1, kTapsPerChunk / std::max<int64_t>(1, W));
-  at::parallel_for(0, grad_in.size(0) * C * H, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {  // (n, c, ih)
-      const int64_t ih = row % H, c = (row / H) % C, n = row / (H * C);
-      scalar_t* gi = gi_data + n * gis[0] + c * gis[1] + ih * gis[2];
+  const int64_t grain = std::max<int64_t>(1, kTapsPerChunk / std::max<int64_t>(1, W * C));
+  at::parallel_for(0, grad_in.size(0) * H, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {  // (n, ih)
+      const int64_t ih = row % H, n = row / H;
       int64_t oh, r;
       window_holding(ih, p.kh, p.sh, p.ph, p.dh, OH, oh, r);
-      if (r < 0) {
-        for (int64_t iw = 0; iw < W; ++iw) {
-          gi[iw * gis[3]] = scalar_t(0);
-        }
-        continue;
-      }
-      const scalar_t* go = go_data + n * gos[0] + c * gos[1] + oh * gos[2];
-      const idx_t* a = argmax_data + n * as[0] + c * as[1] + oh * as[2];
       for (int64_t iw = 0; iw < W; ++iw) {
-        const int64_t ow = column_window[iw], tap = column_tap[iw];
-        gi[iw * gis[3]] = tap >= 0 && a[ow * as[3]] == encode_argmax<idx_t>(r, tap, p.kw, ih, iw, W)
-                              ? go[ow * gos[3]]
-                              : scalar_t(0);
+        // restrict: an int8 argmax is a char type, which may alias anything, and would keep the loop scalar
+        scalar_t* __restrict gi = gi_data + n * gis[0] + ih * gis[2] + iw * gis[3];
+        const int64_t ow = column_window[iw], c = column_tap[iw];
+        if (r < 0 || c < 0) {
+          std::fill(gi, gi + C, scalar_t(0));
+          continue;
+        }
+        const scalar_t* __restrict go = go_data + n * gos[0] + oh * gos[2] + ow * gos[3];
+        const idx_t* __restrict a = argmax_data + n * as[0] + oh * as[2] + ow * as[3];
+        const idx_t code = encode_argmax<idx_t>(r, c, p.kw, ih, iw, W);
+        for (int64_t j = 0; j < C; ++j) {
+          const scalar_t g = go[j];  // loaded either way: a select, not a branch, so the loop vectorises
+          gi[j] = a[j] == code ? g : scalar_t(0);
+        }
+      }
+    }
+  });
+}
+
+// The input position (ih, iw) that output (oh, ow)'s argmax code names, or false when it names no in-bounds tap
+// of that window (only a malformed argmax does; the gather of max_pool2d_backward_element ignores it too).
+template <typename idx_t>
+inline bool argmax_position(idx_t code, int64_t oh, int64_t ow, const PoolWindow<int64_t>& p, int64_t H, int64_t W,
+                            int64_t& ih, int64_t& iw) {
+  if constexpr (sizeof(idx_t) == sizeof(int64_t)) {
+    if (code < 0 || code >= H * W) {
+      return false;
+    }
+    ih = code / W;
+    iw = code - ih * W;
+    const int64_t r = tap_in_window(ih, oh, p.sh, p.ph, p.dh), c = tap_in_window(iw, ow, p.sw, p.pw, p.dw);
+    return r >= 0 && r < p.kh && c >= 0 && c < p.kw;
+  } else {
+    const int64_t tap = static_cast<int64_t>(code);
+    if (tap < 0 || tap >= p.kh * p.kw) {
+      return false;
+    }
+    const int64_t r = tap / p.kw;
+    ih = oh * p.sh - p.ph + r * p.dh;
+    iw = ow * p.sw - p.pw + (tap - r * p.kw) * p.dw;
+    return ih >= 0 && ih < H && iw >= 0 && iw < W;
+  }
+}
+
+// Backward by scatter, for a grad_in with contiguous rows (NCHW) or channels (channels_last): each input
+// gradient starts at 0 and every output's gradient is added at the input its argmax names, the outputs in
+// ascending (oh, ow): for each input, the sum of max_pool2d_backward_element in the same order (PyTorch's), in
+// acc_t (half types sum in a float buffer, rounded once), without its search of the windows that may hold each
+// input. NCHW goes a plane (n, c) at a time, channels_last a block of channels of one image at a time.
+template <typename scalar_t, typename idx_t>
+void backward_scatter(const at::Tensor& grad_out, const at::Tensor& argmax, const at::Tensor& grad_in,
+                      const PoolWindow<int64_t>& p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool in_place = std::is_same_v<scalar_t, acc_t>;  // else a float buffer
+  const scalar_t* go_data = grad_out.const_data_ptr<scalar_t>();
+  const idx_t* argmax_data = argmax.const_data_ptr<idx_t>();
+  scalar_t* gi_data = grad_in.mutable_data_ptr<scalar_t>();
+  const int64_t N = grad_in.size(0), C = grad_in.size(1), H = grad_in.size(2), W = grad_in.size(3);
+  const int64_t OH = grad_out.size(2), OW = grad_out.size(3);
+  const auto gos = grad_out.strides(), as = argmax.strides(), gis = grad_in.strides();
+  const bool channels = channels_contiguous(grad_in);
+  // Work items: planes (n, c), or (n, block of channels).
+  const int64_t lanes = channels ? kChannelBlock : 1;
+  const int64_t blocks = (C + lanes - 1) / lanes;
+  const int64_t grain = std::max<int64_t>(1, kTapsPerChunk / std::max<int64_t>(1, lanes * (H * W + OH * OW)));
+  at::parallel_for(0, N * blocks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buffer(in_place ? 0 : static_cast<size_t>(H * W * lanes));
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / blocks, c0 = (item % blocks) * lanes, cn = std::min(lanes, C - c0);
+      scalar_t* gi = gi_data + n * gis[0] + c0 * gis[1];
+      // sums[ih * row_step + iw * step + j]: the gradient of channel c0 + j at (ih, iw): grad_in itself
+      // (its channels, if several, are contiguous), or the buffer
+      acc_t* sums = buffer.data();
+      if constexpr (in_place) {
+        sums = gi;
+      }
+      const int64_t row_step = in_place ? gis[2] : W * cn, step = in_place ? gis[3] : cn;
+      for (int64_t ih = 0; ih < H; ++ih) {
+        for (int64_t iw = 0; iw < W; ++iw) {
+          std::fill(sums + ih * row_step + iw * step, sums + ih * row_step + iw * step + cn, acc_t(0));
+        }
+      }
+      for (int64_t oh = 0; oh < OH; ++oh) {
+        for (int64_t ow = 0; ow < OW; ++ow) {
+          const scalar_t* go = go_data + n * gos[0] + c0 * gos[1] + oh * gos[2] + ow * gos[3];
+          const idx_t* a = argmax_data + n * as[0] + c0 * as[1] + oh * as[2] + ow * as[3];
+          for (int64_t j = 0; j < cn; ++j) {
+            int64_t ih, iw;
+            if (argmax_position(a[j * as[1]], oh, ow, p, H, W, ih, iw)) {
+              sums[ih * row_step + iw * step + j] += static_cast<acc_t>(go[j * gos[1]]);
+            }
+          }
+        }
+      }
+      if constexpr (!in_place) {
+        for (int64_t ih = 0; ih < H; ++ih) {
+          for (int64_t iw = 0; iw < W; ++iw) {
+            scalar_t* g = gi + ih * gis[2] + iw * gis[3];
+            const acc_t* sum = buffer.data() + (ih * W + iw) * cn;
+            for (int64_t j = 0; j < cn; ++j) {
+              g[j * gis[1]] = static_cast<scalar_t>(sum[j]);
+            }
+          }
+        }
       }
     }
   });
@@ -343,8 +408,13 @@ void backward_disjoint_windows(const at::Tensor& grad_out, const at::Tensor& arg
 template <typename scalar_t, typename idx_t>
 void backward_impl(const at::Tensor& grad_out, const at::Tensor& argmax, const at::Tensor& grad_in,
                    const PoolWindow<int64_t>& p) {
-  if ((p.kh - 1) * p.dh < p.sh && (p.kw - 1) * p.dw < p.sw) {  // windows do not overlap
+  const bool disjoint = (p.kh - 1) * p.dh < p.sh && (p.kw - 1) * p.dw < p.sw;
+  if (disjoint && channels_contiguous(grad_out) && channels_contiguous(argmax) && channels_contiguous(grad_in)) {
     backward_disjoint_windows<scalar_t, idx_t>(grad_out, argmax, grad_in, p);
+    return;
+  }
+  if (channels_contiguous(grad_in) || grad_in.stride(3) == 1) {
+    backward_scatter<scalar_t, idx_t>(grad_out, argmax, grad_in, p);
     return;
   }
   using acc_t = at::opmath_type<scalar_t>;
