@@ -1,6 +1,6 @@
 """Which implementation runs an op: backend selection, the compiled extension, and build information.
 
-Every fastseg op has up to three implementations:
+Every fastseg op has up to four implementations:
 
 - ``"triton"``: the Triton kernels. They run on CUDA tensors, and on CPU tensors when the environment
   variable ``TRITON_INTERPRET=1`` was set before triton was imported (Triton's interpreter; slow, for tests).
