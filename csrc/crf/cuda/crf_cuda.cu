@@ -34,9 +34,10 @@
 // device; every id is clamped into its padded table (as lattice_cuda.cu does), so malformed tables give wrong
 // numbers, never out-of-bounds accesses. The host checks (crf_args.h) are the CPU kernel's.
 //
-// NOT RUN YET: written and compiled without a GPU. The CPU tests cover the argument checks and the
-// normalisation's arithmetic (crf_math.h); the GPU tests (tests/test_crf_fused.py, -m gpu) compare this
-// kernel with the CPU kernel and with the torch loop.
+// NOT RUN YET ON A GPU: written and compiled without one. tests/test_cuda_emulation.py runs this file on the
+// CPU (tests/cuda_emulation: each thread a fiber, the shuffles between a warp's fibers) against the CPU kernel,
+// also under AddressSanitizer; races, the memory model and speed are the GPU tests' (tests/test_crf_fused.py,
+// -m gpu: this kernel against the CPU kernel and the torch loop).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/List.h>

@@ -25,7 +25,8 @@
 // out-of-bounds accesses.
 //
 // The filter has run on an H100 (matches the CPU filter); the build is NOT RUN YET on a GPU: written and
-// compiled without one; the CPU tests cover the shared math and the table format.
+// compiled without one. tests/test_cuda_emulation.py runs both on the CPU (tests/cuda_emulation) against the
+// CPU build and filter, also under AddressSanitizer; concurrent inserts into the table are the GPU tests'.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
