@@ -13,7 +13,11 @@ Inputs are random and fresh each run; a failing test prints its seed (see confte
 """
 
 import itertools
+import os
 import random
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -946,6 +950,40 @@ def test_kernels_poisoned(impl, i, cfg):
     _, am, exp_idx = kernel_forward_case(fwd, x, k, s, p, d, ceil_mode, argmax_dtype, out_layout)
     if cfg["kind"] in ("randn", "ties", "neginf"):  # NaN inputs: the backward only sees the argmax anyway
         kernel_backward_case(bwd, am, exp_idx, x, k, s, p, d, ["strided", "nchw", "channels_last"][i % 3])
+
+
+def test_extension_baseline_simd_target():
+    """ATEN_CPU_CAPABILITY=default selects the C++ channels_last kernels built for the baseline target (16-byte
+    vectors), which must match torch too (the in-process tests run the AVX2 build on CPUs that have AVX2)."""
+    skip_unless_backend("extension")
+    script = textwrap.dedent("""
+        import torch, fastseg
+        from conftest import make_input
+        from test_max_pool import KINDS, ARGMAX_DTYPES, check_forward, kernel_forward_case
+        with fastseg.backend("extension"):
+            for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+                for kind in KINDS:
+                    x = make_input((2, 70, 7, 9), dtype, kind).contiguous(memory_format=torch.channels_last)
+                    check_forward(x, 3, 1, 1, 1, False)
+                    check_forward(x, (2, 3), (2, 1), (1, 0), (1, 2), True)
+                for argmax_dtype in ARGMAX_DTYPES:
+                    kernel_forward_case(torch.ops.fastseg.ext_max_pool2d_out, x, 3, 2, 1, 1, False, argmax_dtype,
+                                        "channels_last", "channels_last")
+                for k, s in ((2, 2), (3, 2)):  # the backward of disjoint windows, and the scatter
+                    x = make_input((2, 70, 8, 10), dtype).contiguous(memory_format=torch.channels_last)
+                    x.requires_grad_()
+                    out = fastseg.max_pool2d(x, k, s)
+                    g = torch.randn_like(out)
+                    # overlapping windows: the sums rounded once (torch's CPU kernel adds in the half type)
+                    expected = torch.autograd.grad(torch.nn.functional.max_pool2d(x.double(), k, s), x, g.double())[0]
+                    torch.testing.assert_close(torch.autograd.grad(out, x, g)[0], expected)
+        print("ok")
+    """)
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env["PYTHONPATH"] = os.pathsep.join([tests, os.path.dirname(tests), env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
 @pytest.mark.parametrize("impl", ["triton", "extension"])

@@ -31,7 +31,6 @@
 // checked but not read.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -48,15 +47,12 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/cpu_target.h"
 #include "crf/crf_args.h"
 #include "crf/crf_math.h"
 #include "lattice/cpu/lattice_cpu.h"
 #include "lattice/lattice_args.h"
 #include "lattice/lattice_math.h"
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#define FASTSEG_CRF_AVX2 1
-#endif
 
 // The vector helpers below are internal and inlined: GCC's note that passing 32-byte vectors without AVX
 // changes the ABI concerns calls across translation units, which never happen.
@@ -68,8 +64,8 @@ namespace {
 
 using lattice::grain_for;
 
-// The row helpers are inlined into each target's kernels (a call would lose the caller's target).
-#define FASTSEG_ALWAYS_INLINE inline __attribute__((always_inline))
+// The row helpers are FASTSEG_ALWAYS_INLINE: inlined into each target's kernels (a call would lose the
+// caller's target).
 
 // --- SIMD rows ------------------------------------------------------------------------------------------------
 
@@ -429,32 +425,24 @@ struct Baseline {
   }
 };
 
-#ifdef FASTSEG_CRF_AVX2
+#ifdef FASTSEG_HAVE_AVX2_TARGET
 struct Avx2 {
   static constexpr int kBytes = 32;
   template <typename T, int kNB>
-  __attribute__((target("avx2,fma"))) static void chunk(const Problem<T>& pb, int64_t b, int64_t t, bool slice,
-                                                        bool splat, T* out) {
+  FASTSEG_TARGET_AVX2 static void chunk(const Problem<T>& pb, int64_t b, int64_t t, bool slice, bool splat,
+                                        T* out) {
     chunk_pass<T, kBytes, kNB>(pb, b, t, slice, splat, out);
   }
   template <typename T>
-  __attribute__((target("avx2,fma"))) static void reduce(const Term<T>& k, int64_t nb, int64_t v0, int64_t v1) {
+  FASTSEG_TARGET_AVX2 static void reduce(const Term<T>& k, int64_t nb, int64_t v0, int64_t v1) {
     reduce_rows<T, kBytes>(k, nb, v0, v1);
   }
   template <typename T>
-  __attribute__((target("avx2,fma"))) static void blur(const T* in, T* out, const int32_t* neighbors, int64_t nb,
-                                                       int64_t v0, int64_t v1) {
+  FASTSEG_TARGET_AVX2 static void blur(const T* in, T* out, const int32_t* neighbors, int64_t nb, int64_t v0,
+                                       int64_t v1) {
     blur_rows<T, kBytes>(in, out, neighbors, nb, v0, v1);
   }
 };
-
-// torch's CPU capability (which ATEN_CPU_CAPABILITY=default lowers to the baseline, as for torch's own
-// kernels), checked against the CPU itself.
-bool use_avx2() {
-  const std::string capability = at::get_cpu_capability();
-  return (capability == "AVX2" || capability == "AVX512") && __builtin_cpu_supports("avx2") &&
-         __builtin_cpu_supports("fma");
-}
 #endif
 
 template <typename T>
@@ -491,7 +479,7 @@ Kernels<T> kernels_of(int64_t L) {
 
 template <typename T>
 Kernels<T> kernels_for(int64_t L) {
-#ifdef FASTSEG_CRF_AVX2
+#ifdef FASTSEG_HAVE_AVX2_TARGET
   if (use_avx2()) {
     return kernels_of<T, Avx2>(L);
   }

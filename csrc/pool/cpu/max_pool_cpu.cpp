@@ -20,6 +20,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/cpu_target.h"
 #include "pool/max_pool_args.h"
 #include "pool/max_pool_math.h"
 
@@ -60,7 +61,8 @@ void parallel_for_each_element(const at::Tensor& layout, int64_t taps_per_elemen
   }
 }
 
-// Channels per block of the channels-contiguous paths: their running state stays in L1 (and registers).
+// Channels per work item of the channels-contiguous backward scatter: its planes of sums for a block of
+// channels stay in cache, and the blocks split across threads.
 constexpr int64_t kChannelBlock = 64;
 
 bool channels_contiguous(const at::Tensor& t) {
@@ -68,56 +70,47 @@ bool channels_contiguous(const at::Tensor& t) {
 }
 
 // Forward for channels-contiguous x, out and argmax: per output pixel, each in-bounds tap of the window in
-// row-major order updates a block of channels at once (max_pool2d_forward_element's scan and rules). The scan
-// keeps each channel's best tap as an int32, beside the values' 32-bit lanes (narrower or wider lanes slow the
-// vectorised select: int64 plane indices 6x, int8 window offsets 1.3x): the argmax encoding itself for window
-// offsets, and for int64 plane indices the window offset, turned into plane indices once per pixel through a
-// table of the window's taps. float and double keep no copy of the running maximum beside the compared one.
+// row-major order updates all the pixel's channels at once (max_pool2d_forward_element's scan and rules: the
+// first in-bounds tap sets the running maximum, as replacing the initial -inf would, and the later ones
+// replace it by replaces_max), over contiguous memory, so the compare and select vectorise (AVX2 where
+// use_avx2()). float and double keep the running maximum in the output itself; half types compare in float,
+// in a buffer beside the winners' own bits. Each channel's best tap is an int32 beside the values' 32-bit
+// lanes (narrower or wider lanes slow the vectorised select: int64 plane indices 6x, int8 window offsets
+// 1.3x): the argmax encoding itself for window offsets, and for int64 plane indices the tap's offset from the
+// window's origin in the plane (r dh W + c dw: forward_impl checks that it fits), added to the origin's plane
+// index once per pixel.
 template <typename scalar_t, typename idx_t>
-void forward_channels_contiguous(const at::Tensor& x, const at::Tensor& out, const at::Tensor& argmax,
-                                 const PoolWindow<int64_t>& p) {
-  using acc_t = at::opmath_type<scalar_t>;
-  constexpr bool plane_indices = sizeof(idx_t) == sizeof(int64_t);
-  // The compare runs in acc_t; a value type of another width (half types) keeps the winner's bits apart.
-  constexpr bool same_type = std::is_same_v<scalar_t, acc_t>;
-  const scalar_t* x_data = x.const_data_ptr<scalar_t>();
-  scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
-  idx_t* argmax_data = argmax.mutable_data_ptr<idx_t>();
-  const int64_t C = x.size(1), H = x.size(2), W = x.size(3), OH = out.size(2), OW = out.size(3);
-  const auto xs = x.strides(), os = out.strides(), as = argmax.strides();
-  // Rows of output pixels (n, oh) per work item: no division per pixel.
-  const int64_t grain = std::max<int64_t>(1, kTapsPerChunk / std::max<int64_t>(1, OW * C * p.kh * p.kw));
-  at::parallel_for(0, out.size(0) * OH, grain, [&](int64_t begin, int64_t end) {
-    acc_t best[kChannelBlock];
-    scalar_t best_val[kChannelBlock];
-    int32_t best_tap[kChannelBlock];
-    std::vector<idx_t> code_of_tap(plane_indices ? static_cast<size_t>(p.kh * p.kw) : 0);
-    auto pixel = [&](int64_t n, int64_t oh, int64_t ow) {
-      const int64_t hstart = oh * p.sh - p.ph, wstart = ow * p.sw - p.pw;
-      const int64_t r0 = first_valid_tap(hstart, p.dh), c0 = first_valid_tap(wstart, p.dw);
-      const int64_t first_code = plane_indices ? r0 * p.kw + c0
-                                               : encode_argmax<idx_t>(r0, c0, p.kw, hstart + r0 * p.dh,
-                                                                      wstart + c0 * p.dw, W);
-      const int32_t first = static_cast<int32_t>(first_code);
-      if constexpr (plane_indices) {
-        for (int64_t r = 0; r < p.kh; ++r) {
-          for (int64_t c = 0; c < p.kw; ++c) {
-            code_of_tap[r * p.kw + c] = encode_argmax<idx_t>(r, c, p.kw, hstart + r * p.dh, wstart + c * p.dw, W);
-          }
+struct ChannelsForward {
+  const scalar_t* x;
+  scalar_t* out;
+  idx_t* argmax;
+  int64_t C, H, W, OH, OW;
+  int64_t xs[4], os[4], as[4];
+  PoolWindow<int64_t> p;
+
+  // Output rows (n, oh) begin .. end - 1.
+  FASTSEG_ALWAYS_INLINE void rows(int64_t begin, int64_t end) const {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr bool plane_indices = sizeof(idx_t) == sizeof(int64_t);
+    constexpr bool same_type = std::is_same_v<scalar_t, acc_t>;
+    std::vector<acc_t> compared(same_type ? 0 : static_cast<size_t>(C));
+    std::vector<int32_t> best_tap(static_cast<size_t>(C));
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / OH, oh = row % OH;
+      const int64_t hstart = oh * p.sh - p.ph, r0 = first_valid_tap(hstart, p.dh);
+      for (int64_t ow = 0; ow < OW; ++ow) {
+        const int64_t wstart = ow * p.sw - p.pw, c0 = first_valid_tap(wstart, p.dw);
+        const scalar_t* x_n = x + n * xs[0];
+        scalar_t* __restrict o = out + n * os[0] + oh * os[2] + ow * os[3];
+        idx_t* __restrict a = argmax + n * as[0] + oh * as[2] + ow * as[3];
+        acc_t* __restrict best = nullptr;
+        if constexpr (same_type) {
+          best = o;
+        } else {
+          best = compared.data();
         }
-      }
-      const scalar_t* x_n = x_data + n * xs[0];
-      scalar_t* o = out_data + n * os[0] + oh * os[2] + ow * os[3];
-      idx_t* a = argmax_data + n * as[0] + oh * as[2] + ow * as[3];
-      for (int64_t cb = 0; cb < C; cb += kChannelBlock) {
-        const int64_t cn = std::min(kChannelBlock, C - cb);
-        for (int64_t j = 0; j < cn; ++j) {
-          best[j] = -static_cast<acc_t>(INFINITY);
-          if constexpr (!same_type) {
-            best_val[j] = static_cast<scalar_t>(best[j]);
-          }
-          best_tap[j] = first;
-        }
+        int32_t* __restrict tap_of = best_tap.data();
+        bool first = true;
         for (int64_t r = r0; r < p.kh; ++r) {
           const int64_t ih = hstart + r * p.dh;
           if (ih >= H) {
@@ -128,37 +121,69 @@ void forward_channels_contiguous(const at::Tensor& x, const at::Tensor& out, con
             if (iw >= W) {
               break;
             }
-            const scalar_t* __restrict tap = x_n + ih * xs[2] + iw * xs[3] + cb;
-            const int32_t code =
-                static_cast<int32_t>(plane_indices ? r * p.kw + c : encode_argmax<idx_t>(r, c, p.kw, ih, iw, W));
-            for (int64_t j = 0; j < cn; ++j) {
+            const scalar_t* __restrict tap = x_n + ih * xs[2] + iw * xs[3];
+            const int32_t code = static_cast<int32_t>(plane_indices ? r * p.dh * W + c * p.dw
+                                                                    : encode_argmax<idx_t>(r, c, p.kw, ih, iw, W));
+            if (first) {
+              first = false;
+              for (int64_t j = 0; j < C; ++j) {
+                best[j] = static_cast<acc_t>(tap[j]);
+                if constexpr (!same_type) {
+                  o[j] = tap[j];
+                }
+                tap_of[j] = code;
+              }
+              continue;
+            }
+            for (int64_t j = 0; j < C; ++j) {
               const scalar_t t = tap[j];
               const acc_t v = static_cast<acc_t>(t);
               const bool take = replaces_max(v, best[j]);
               best[j] = take ? v : best[j];
               if constexpr (!same_type) {
-                best_val[j] = take ? t : best_val[j];
+                o[j] = take ? t : o[j];
               }
-              best_tap[j] = take ? code : best_tap[j];
+              tap_of[j] = take ? code : tap_of[j];
             }
           }
         }
-        if constexpr (same_type) {
-          std::copy(best, best + cn, o + cb);
-        } else {
-          std::copy(best_val, best_val + cn, o + cb);
+        if (first) {  // no tap in bounds (the argument checks rule it out): what the per-element scan gives
+          std::fill(o, o + C, static_cast<scalar_t>(-static_cast<acc_t>(INFINITY)));
+          std::fill(a, a + C, encode_argmax<idx_t>(r0, c0, p.kw, hstart + r0 * p.dh, wstart + c0 * p.dw, W));
+          continue;
         }
-        for (int64_t j = 0; j < cn; ++j) {
-          a[cb + j] = plane_indices ? code_of_tap[best_tap[j]] : static_cast<idx_t>(best_tap[j]);
+        const int64_t origin = plane_indices ? hstart * W + wstart : 0;
+        for (int64_t j = 0; j < C; ++j) {
+          a[j] = static_cast<idx_t>(origin + tap_of[j]);
         }
-      }
-    };
-    for (int64_t row = begin; row < end; ++row) {
-      for (int64_t ow = 0; ow < OW; ++ow) {
-        pixel(row / OH, row % OH, ow);
       }
     }
-  });
+  }
+};
+
+template <typename scalar_t, typename idx_t>
+void forward_channels_contiguous(const at::Tensor& x, const at::Tensor& out, const at::Tensor& argmax,
+                                 const PoolWindow<int64_t>& p) {
+  ChannelsForward<scalar_t, idx_t> f{x.const_data_ptr<scalar_t>(),
+                                     out.mutable_data_ptr<scalar_t>(),
+                                     argmax.mutable_data_ptr<idx_t>(),
+                                     x.size(1),
+                                     x.size(2),
+                                     x.size(3),
+                                     out.size(2),
+                                     out.size(3),
+                                     {},
+                                     {},
+                                     {},
+                                     p};
+  for (int d = 0; d < 4; ++d) {
+    f.xs[d] = x.stride(d);
+    f.os[d] = out.stride(d);
+    f.as[d] = argmax.stride(d);
+  }
+  // Rows of output pixels (n, oh) per work item: no division per pixel.
+  const int64_t grain = std::max<int64_t>(1, kTapsPerChunk / std::max<int64_t>(1, f.OW * f.C * p.kh * p.kw));
+  parallel_rows(f, out.size(0) * f.OH, grain);
 }
 
 // Forward for inputs whose rows are contiguous (NCHW): a row of outputs (n, c, oh) at a time. The windows that
@@ -229,9 +254,12 @@ void forward_rows(const at::Tensor& x, const at::Tensor& out, const at::Tensor& 
 template <typename scalar_t, typename idx_t>
 void forward_impl(const at::Tensor& x, const at::Tensor& out, const at::Tensor& argmax,
                   const PoolWindow<int64_t>& p) {
-  // (the channels-contiguous scan keeps int64 plane indices as int32 window offsets)
-  if (channels_contiguous(x) && channels_contiguous(out) && channels_contiguous(argmax) &&
-      p.kh * p.kw <= std::numeric_limits<int32_t>::max()) {
+  // (the channels-contiguous scan keeps each tap's code as an int32: a window offset, or for int64 plane
+  // indices the offset from the window's origin in the plane)
+  constexpr int64_t int32_max = std::numeric_limits<int32_t>::max();
+  const int64_t largest_code = sizeof(idx_t) == sizeof(int64_t) ? (p.kh - 1) * p.dh * x.size(3) + (p.kw - 1) * p.dw
+                                                                 : p.kh * p.kw;
+  if (channels_contiguous(x) && channels_contiguous(out) && channels_contiguous(argmax) && largest_code <= int32_max) {
     forward_channels_contiguous<scalar_t, idx_t>(x, out, argmax, p);
     return;
   }
@@ -277,34 +305,32 @@ inline void window_holding(int64_t i, int64_t kernel, int64_t stride, int64_t pa
 // window's where the argmax names it, else 0 (what max_pool2d_backward_element sums over its single window), a
 // pixel at a time with the channels innermost (the select vectorises).
 template <typename scalar_t, typename idx_t>
-void backward_disjoint_windows(const at::Tensor& grad_out, const at::Tensor& argmax, const at::Tensor& grad_in,
-                               const PoolWindow<int64_t>& p) {
-  const scalar_t* go_data = grad_out.const_data_ptr<scalar_t>();
-  const idx_t* argmax_data = argmax.const_data_ptr<idx_t>();
-  scalar_t* gi_data = grad_in.mutable_data_ptr<scalar_t>();
-  const int64_t C = grad_in.size(1), H = grad_in.size(2), W = grad_in.size(3);
-  const int64_t OH = grad_out.size(2), OW = grad_out.size(3);
-  const auto gos = grad_out.strides(), as = argmax.strides(), gis = grad_in.strides();
-  std::vector<int64_t> column_window(static_cast<size_t>(W)), column_tap(static_cast<size_t>(W));
-  for (int64_t iw = 0; iw < W; ++iw) {
-    window_holding(iw, p.kw, p.sw, p.pw, p.dw, OW, column_window[iw], column_tap[iw]);
-  }
-  const int64_t grain = std::max<int64_t>(1, kTapsPerChunk / std::max<int64_t>(1, W * C));
-  at::parallel_for(0, grad_in.size(0) * H, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {  // (n, ih)
+struct DisjointBackward {
+  const scalar_t* grad_out;
+  const idx_t* argmax;
+  scalar_t* grad_in;
+  int64_t C, H, W, OH;
+  int64_t gos[4], as[4], gis[4];
+  PoolWindow<int64_t> p;
+  const int64_t* column_window;  // per input column iw: its window and tap (window_holding)
+  const int64_t* column_tap;
+
+  // Input rows (n, ih) begin .. end - 1.
+  FASTSEG_ALWAYS_INLINE void rows(int64_t begin, int64_t end) const {
+    for (int64_t row = begin; row < end; ++row) {
       const int64_t ih = row % H, n = row / H;
       int64_t oh, r;
       window_holding(ih, p.kh, p.sh, p.ph, p.dh, OH, oh, r);
       for (int64_t iw = 0; iw < W; ++iw) {
         // restrict: an int8 argmax is a char type, which may alias anything, and would keep the loop scalar
-        scalar_t* __restrict gi = gi_data + n * gis[0] + ih * gis[2] + iw * gis[3];
+        scalar_t* __restrict gi = grad_in + n * gis[0] + ih * gis[2] + iw * gis[3];
         const int64_t ow = column_window[iw], c = column_tap[iw];
         if (r < 0 || c < 0) {
           std::fill(gi, gi + C, scalar_t(0));
           continue;
         }
-        const scalar_t* __restrict go = go_data + n * gos[0] + oh * gos[2] + ow * gos[3];
-        const idx_t* __restrict a = argmax_data + n * as[0] + oh * as[2] + ow * as[3];
+        const scalar_t* __restrict go = grad_out + n * gos[0] + oh * gos[2] + ow * gos[3];
+        const idx_t* __restrict a = argmax + n * as[0] + oh * as[2] + ow * as[3];
         const idx_t code = encode_argmax<idx_t>(r, c, p.kw, ih, iw, W);
         for (int64_t j = 0; j < C; ++j) {
           const scalar_t g = go[j];  // loaded either way: a select, not a branch, so the loop vectorises
@@ -312,7 +338,37 @@ void backward_disjoint_windows(const at::Tensor& grad_out, const at::Tensor& arg
         }
       }
     }
-  });
+  }
+};
+
+template <typename scalar_t, typename idx_t>
+void backward_disjoint_windows(const at::Tensor& grad_out, const at::Tensor& argmax, const at::Tensor& grad_in,
+                               const PoolWindow<int64_t>& p) {
+  const int64_t W = grad_in.size(3), OW = grad_out.size(3);
+  std::vector<int64_t> column_window(static_cast<size_t>(W)), column_tap(static_cast<size_t>(W));
+  for (int64_t iw = 0; iw < W; ++iw) {
+    window_holding(iw, p.kw, p.sw, p.pw, p.dw, OW, column_window[iw], column_tap[iw]);
+  }
+  DisjointBackward<scalar_t, idx_t> k{grad_out.const_data_ptr<scalar_t>(),
+                                      argmax.const_data_ptr<idx_t>(),
+                                      grad_in.mutable_data_ptr<scalar_t>(),
+                                      grad_in.size(1),
+                                      grad_in.size(2),
+                                      W,
+                                      grad_out.size(2),
+                                      {},
+                                      {},
+                                      {},
+                                      p,
+                                      column_window.data(),
+                                      column_tap.data()};
+  for (int d = 0; d < 4; ++d) {
+    k.gos[d] = grad_out.stride(d);
+    k.as[d] = argmax.stride(d);
+    k.gis[d] = grad_in.stride(d);
+  }
+  const int64_t grain = std::max<int64_t>(1, kTapsPerChunk / std::max<int64_t>(1, W * k.C));
+  parallel_rows(k, grad_in.size(0) * k.H, grain);
 }
 
 // The input position (ih, iw) that output (oh, ow)'s argmax code names, or false when it names no in-bounds tap
