@@ -953,24 +953,25 @@ def test_kernels_poisoned(impl, i, cfg):
 
 
 def test_extension_baseline_simd_target():
-    """ATEN_CPU_CAPABILITY=default selects the C++ channels_last kernels built for the baseline target (16-byte
-    vectors), which must match torch too (the in-process tests run the AVX2 build on CPUs that have AVX2)."""
+    """ATEN_CPU_CAPABILITY=default selects the C++ kernels built for the baseline target (16-byte vectors), which
+    must match torch too (the in-process tests run the AVX2 build on CPUs that have AVX2)."""
     skip_unless_backend("extension")
     script = textwrap.dedent("""
-        import torch, fastseg
-        from conftest import make_input
+        import itertools, torch, fastseg
+        from conftest import make_input, to_layout
         from test_max_pool import KINDS, ARGMAX_DTYPES, check_forward, kernel_forward_case
         with fastseg.backend("extension"):
-            for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            for dtype, layout in itertools.product(
+                    (torch.float32, torch.float16, torch.bfloat16, torch.float64), ("channels_last", "nchw")):
                 for kind in KINDS:
-                    x = make_input((2, 70, 7, 9), dtype, kind).contiguous(memory_format=torch.channels_last)
+                    x = to_layout(make_input((2, 70, 7, 19), dtype, kind), layout)
                     check_forward(x, 3, 1, 1, 1, False)
                     check_forward(x, (2, 3), (2, 1), (1, 0), (1, 2), True)
                 for argmax_dtype in ARGMAX_DTYPES:
                     kernel_forward_case(torch.ops.fastseg.ext_max_pool2d_out, x, 3, 2, 1, 1, False, argmax_dtype,
-                                        "channels_last", "channels_last")
+                                        layout, layout)
                 for k, s in ((2, 2), (3, 2)):  # the backward of disjoint windows, and the scatter
-                    x = make_input((2, 70, 8, 10), dtype).contiguous(memory_format=torch.channels_last)
+                    x = to_layout(make_input((2, 70, 8, 21), dtype), layout)
                     x.requires_grad_()
                     out = fastseg.max_pool2d(x, k, s)
                     g = torch.randn_like(out)

@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -187,91 +188,140 @@ void forward_channels_contiguous(const at::Tensor& x, const at::Tensor& out, con
 }
 
 // Forward for inputs whose rows are contiguous (NCHW): a row of outputs (n, c, oh) at a time. The windows that
-// lie wholly within the row's columns (all but a few at the edges) scan their taps without bounds checks, in
-// max_pool2d_forward_element's order and by its rules (replaces_max; the first in-bounds tap when no tap
-// replaces the initial -inf; the winner's own bits), and encode the argmax once, for the winner; the edge
-// windows call max_pool2d_forward_element itself. kKh, kKw > 0: that window size (the taps unroll); 0: p's.
-template <typename scalar_t, typename idx_t, int kKh, int kKw>
-void forward_rows(const at::Tensor& x, const at::Tensor& out, const at::Tensor& argmax, const PoolWindow<int64_t>& p) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t kh = kKh > 0 ? kKh : p.kh, kw = kKw > 0 ? kKw : p.kw;
-  const scalar_t* x_data = x.const_data_ptr<scalar_t>();
-  scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
-  idx_t* argmax_data = argmax.mutable_data_ptr<idx_t>();
-  const int64_t C = x.size(1), H = x.size(2), W = x.size(3), OH = out.size(2), OW = out.size(3);
-  const auto xs = x.strides(), os = out.strides(), as = argmax.strides();
-  // Interior columns: ow_lo <= ow < ow_end, where ow * sw - pw >= 0 and ow * sw - pw + (kw - 1) * dw < W.
-  const int64_t ow_lo = std::min(OW, (p.pw + p.sw - 1) / p.sw);
-  const int64_t last_start = W - 1 + p.pw - (kw - 1) * p.dw;  // the largest ow * sw of an interior window
-  const int64_t ow_end = last_start < 0 ? ow_lo : std::clamp(last_start / p.sw + 1, ow_lo, OW);
-  const int64_t grain = std::max<int64_t>(1, kTapsPerChunk / std::max<int64_t>(1, OW * kh * kw));
-  at::parallel_for(0, out.size(0) * C * OH, grain, [&](int64_t begin, int64_t end) {
+// lie wholly within the row's columns (all but a few at the edges) are scanned tap by tap across the row: each
+// tap (r, c), in max_pool2d_forward_element's order, updates every interior window's running maximum by its
+// rules (the first in-bounds tap sets it; later ones replace it by replaces_max; the winner's own bits), a loop
+// over the windows of strided loads that vectorises (AVX2 where use_avx2()), with each window's best tap as an
+// int32 code as in the channels-contiguous forward; the edge windows call max_pool2d_forward_element itself.
+template <typename scalar_t, typename idx_t>
+struct RowsForward {
+  const scalar_t* x;
+  scalar_t* out;
+  idx_t* argmax;
+  int64_t C, H, W, OH, OW;
+  int64_t xs[4], os[4], as[4];
+  PoolWindow<int64_t> p;
+  int64_t ow_lo, ow_end;  // interior windows: ow * sw - pw >= 0 and ow * sw - pw + (kw - 1) * dw < W
+
+  FASTSEG_ALWAYS_INLINE void rows(int64_t begin, int64_t end) const {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr bool plane_indices = sizeof(idx_t) == sizeof(int64_t);
+    constexpr bool same_type = std::is_same_v<scalar_t, acc_t>;
+    std::vector<acc_t> best_buffer(static_cast<size_t>(OW));
+    std::vector<scalar_t> value_buffer(same_type ? 0 : static_cast<size_t>(OW));
+    std::vector<int32_t> tap_buffer(static_cast<size_t>(OW));
+    acc_t* __restrict best = best_buffer.data();
+    scalar_t* __restrict best_val = value_buffer.data();
+    int32_t* __restrict best_tap = tap_buffer.data();
+    const int64_t sw = p.sw;
     for (int64_t row = begin; row < end; ++row) {  // (n, c, oh)
       const int64_t oh = row % OH, c = (row / OH) % C, n = row / (OH * C);
-      const scalar_t* plane = x_data + n * xs[0] + c * xs[1];
-      scalar_t* o = out_data + n * os[0] + c * os[1] + oh * os[2];
-      idx_t* a = argmax_data + n * as[0] + c * as[1] + oh * as[2];
-      auto edge = [&](int64_t ow) {
-        max_pool2d_forward_element<scalar_t, acc_t, idx_t, int64_t>(plane, H, W, xs[2], int64_t(1), p, oh, ow,
-                                                                    o + ow * os[3], a + ow * as[3]);
-      };
+      const scalar_t* plane = x + n * xs[0] + c * xs[1];
+      scalar_t* o = out + n * os[0] + c * os[1] + oh * os[2];
+      idx_t* a = argmax + n * as[0] + c * as[1] + oh * as[2];
       const int64_t hstart = oh * p.sh - p.ph;
       const int64_t r0 = first_valid_tap(hstart, p.dh);
-      const int64_t r_end = std::min(kh, (H - hstart + p.dh - 1) / p.dh);  // rows r0 .. r_end - 1 lie in 0..H-1
-      const int64_t interior_end = r0 < r_end ? ow_end : ow_lo;  // no row in bounds: every window an edge one
-      for (int64_t ow = 0; ow < ow_lo; ++ow) {
-        edge(ow);
-      }
-      for (int64_t ow = ow_lo; ow < interior_end; ++ow) {
-        const int64_t wstart = ow * p.sw - p.pw;
-        const scalar_t* window = plane + (hstart + r0 * p.dh) * xs[2] + wstart;
-        acc_t best = -static_cast<acc_t>(INFINITY);
-        scalar_t best_val = static_cast<scalar_t>(best);
-        int64_t best_r = r0, best_c = 0;
-        for (int64_t r = r0; r < r_end; ++r) {
-          const scalar_t* taps = window + (r - r0) * p.dh * xs[2];
-          for (int64_t tc = 0; tc < kw; ++tc) {
-            const scalar_t v = taps[tc * p.dw];
-            const acc_t val = static_cast<acc_t>(v);
-            if (replaces_max(val, best)) {
-              best = val;
-              best_val = v;
-              best_r = r;
-              best_c = tc;
-            }
+      const int64_t r_end = std::min(p.kh, (H - hstart + p.dh - 1) / p.dh);  // rows r0 .. r_end - 1 in 0..H-1
+      const int64_t lo = ow_lo, hi = r0 < r_end ? ow_end : ow_lo;  // no row in bounds: every window an edge one
+      for (int64_t ow = 0; ow < OW; ++ow) {  // the edge windows: ow < lo and ow >= hi
+        if (ow == lo) {
+          ow = hi;
+          if (ow == OW) {
+            break;
           }
         }
-        o[ow * os[3]] = best_val;
-        a[ow * as[3]] = encode_argmax<idx_t>(best_r, best_c, kw, hstart + best_r * p.dh, wstart + best_c * p.dw, W);
+        max_pool2d_forward_element<scalar_t, acc_t, idx_t, int64_t>(plane, H, W, xs[2], int64_t(1), p, oh, ow,
+                                                                    o + ow * os[3], a + ow * as[3]);
       }
-      for (int64_t ow = interior_end; ow < OW; ++ow) {
-        edge(ow);
+      if (lo >= hi) {
+        continue;
+      }
+      for (int64_t r = r0; r < r_end; ++r) {
+        for (int64_t tc = 0; tc < p.kw; ++tc) {
+          // the tap of window ow is taps[ow * sw]
+          const scalar_t* __restrict taps = plane + (hstart + r * p.dh) * xs[2] + tc * p.dw - p.pw;
+          const int32_t code = static_cast<int32_t>(plane_indices ? r * p.dh * W + tc * p.dw : r * p.kw + tc);
+          if (r == r0 && tc == 0) {
+            for (int64_t ow = lo; ow < hi; ++ow) {
+              const scalar_t t = taps[ow * sw];
+              best[ow] = static_cast<acc_t>(t);
+              if constexpr (!same_type) {
+                best_val[ow] = t;
+              }
+              best_tap[ow] = code;
+            }
+            continue;
+          }
+          for (int64_t ow = lo; ow < hi; ++ow) {
+            const scalar_t t = taps[ow * sw];
+            const acc_t v = static_cast<acc_t>(t);
+            const bool take = replaces_max(v, best[ow]);
+            best[ow] = take ? v : best[ow];
+            if constexpr (!same_type) {
+              best_val[ow] = take ? t : best_val[ow];
+            }
+            best_tap[ow] = take ? code : best_tap[ow];
+          }
+        }
+      }
+      const int64_t origin = plane_indices ? hstart * W - p.pw : 0;  // window ow's origin: origin + ow * sw
+      for (int64_t ow = lo; ow < hi; ++ow) {
+        if constexpr (same_type) {
+          o[ow * os[3]] = best[ow];
+        } else {
+          o[ow * os[3]] = best_val[ow];
+        }
+        a[ow * as[3]] = static_cast<idx_t>(plane_indices ? origin + ow * sw + best_tap[ow] : best_tap[ow]);
       }
     }
-  });
+  }
+};
+
+template <typename scalar_t, typename idx_t>
+void forward_rows(const at::Tensor& x, const at::Tensor& out, const at::Tensor& argmax, const PoolWindow<int64_t>& p) {
+  RowsForward<scalar_t, idx_t> f{x.const_data_ptr<scalar_t>(),
+                                 out.mutable_data_ptr<scalar_t>(),
+                                 argmax.mutable_data_ptr<idx_t>(),
+                                 x.size(1),
+                                 x.size(2),
+                                 x.size(3),
+                                 out.size(2),
+                                 out.size(3),
+                                 {},
+                                 {},
+                                 {},
+                                 p,
+                                 0,
+                                 0};
+  for (int d = 0; d < 4; ++d) {
+    f.xs[d] = x.stride(d);
+    f.os[d] = out.stride(d);
+    f.as[d] = argmax.stride(d);
+  }
+  f.ow_lo = std::min(f.OW, (p.pw + p.sw - 1) / p.sw);
+  const int64_t last_start = f.W - 1 + p.pw - (p.kw - 1) * p.dw;  // the largest ow * sw of an interior window
+  f.ow_end = last_start < 0 ? f.ow_lo : std::clamp(last_start / p.sw + 1, f.ow_lo, f.OW);
+  const int64_t grain = std::max<int64_t>(1, kTapsPerChunk / std::max<int64_t>(1, f.OW * p.kh * p.kw));
+  parallel_rows(f, out.size(0) * f.C * f.OH, grain);
 }
 
 template <typename scalar_t, typename idx_t>
 void forward_impl(const at::Tensor& x, const at::Tensor& out, const at::Tensor& argmax,
                   const PoolWindow<int64_t>& p) {
-  // (the channels-contiguous scan keeps each tap's code as an int32: a window offset, or for int64 plane
-  // indices the offset from the window's origin in the plane)
+  // (the channels-contiguous and row scans keep each tap's code as an int32: a window offset, or for int64
+  // plane indices the offset from the window's origin in the plane)
   constexpr int64_t int32_max = std::numeric_limits<int32_t>::max();
   const int64_t largest_code = sizeof(idx_t) == sizeof(int64_t) ? (p.kh - 1) * p.dh * x.size(3) + (p.kw - 1) * p.dw
                                                                  : p.kh * p.kw;
-  if (channels_contiguous(x) && channels_contiguous(out) && channels_contiguous(argmax) && largest_code <= int32_max) {
-    forward_channels_contiguous<scalar_t, idx_t>(x, out, argmax, p);
-    return;
-  }
-  if (x.stride(3) == 1) {
-    if (p.kh == 2 && p.kw == 2) {
-      forward_rows<scalar_t, idx_t, 2, 2>(x, out, argmax, p);
-    } else if (p.kh == 3 && p.kw == 3) {
-      forward_rows<scalar_t, idx_t, 3, 3>(x, out, argmax, p);
-    } else {
-      forward_rows<scalar_t, idx_t, 0, 0>(x, out, argmax, p);
+  if (largest_code <= int32_max) {
+    if (channels_contiguous(x) && channels_contiguous(out) && channels_contiguous(argmax)) {
+      forward_channels_contiguous<scalar_t, idx_t>(x, out, argmax, p);
+      return;
     }
-    return;
+    if (x.stride(3) == 1) {
+      forward_rows<scalar_t, idx_t>(x, out, argmax, p);
+      return;
+    }
   }
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* x_data = x.const_data_ptr<scalar_t>();
@@ -312,8 +362,8 @@ struct DisjointBackward {
   int64_t C, H, W, OH;
   int64_t gos[4], as[4], gis[4];
   PoolWindow<int64_t> p;
-  const int64_t* column_window;  // per input column iw: its window and tap (window_holding)
-  const int64_t* column_tap;
+  const int64_t* column_window;  // per input column iw: its window and tap (window_holding; window 0 and tap
+  const int64_t* column_tap;     // -1 for a column in no window)
 
   // Input rows (n, ih) begin .. end - 1.
   FASTSEG_ALWAYS_INLINE void rows(int64_t begin, int64_t end) const {
@@ -341,60 +391,137 @@ struct DisjointBackward {
   }
 };
 
+// v where keep, else +0, without a branch (by the bits: a product with 0 would turn inf into NaN).
+template <typename scalar_t>
+FASTSEG_ALWAYS_INLINE scalar_t masked(scalar_t v, bool keep) {
+  using bits_t = std::conditional_t<sizeof(scalar_t) == 8, uint64_t,
+                                    std::conditional_t<sizeof(scalar_t) == 4, uint32_t, uint16_t>>;
+  static_assert(sizeof(bits_t) == sizeof(scalar_t), "masked: a 2-, 4- or 8-byte value");
+  bits_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  bits &= static_cast<bits_t>(-static_cast<bits_t>(keep));
+  std::memcpy(&v, &bits, sizeof bits);
+  return v;
+}
+
+// Backward for NCHW-like gradients (contiguous rows) whose windows do not overlap: a row of inputs (n, c, ih) at
+// a time, each input's gradient that of its single window where the argmax names it, else 0 (as
+// DisjointBackward, with the window of each column from a table: no division per element).
+template <typename scalar_t, typename idx_t>
+struct DisjointRowsBackward {
+  const scalar_t* grad_out;
+  const idx_t* argmax;
+  scalar_t* grad_in;
+  int64_t C, H, W, OH;
+  int64_t gos[4], as[4], gis[4];
+  PoolWindow<int64_t> p;
+  const int64_t* column_window;  // per input column iw: its window and tap (window_holding; window 0 and tap
+  const int64_t* column_tap;     // -1 for a column in no window)
+
+  // Input rows (n, c, ih) begin .. end - 1.
+  FASTSEG_ALWAYS_INLINE void rows(int64_t begin, int64_t end) const {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t ih = row % H, c = (row / H) % C, n = row / (H * C);
+      scalar_t* __restrict gi = grad_in + n * gis[0] + c * gis[1] + ih * gis[2];
+      int64_t oh, r;
+      window_holding(ih, p.kh, p.sh, p.ph, p.dh, OH, oh, r);
+      if (r < 0) {
+        std::fill(gi, gi + W, scalar_t(0));
+        continue;
+      }
+      const scalar_t* __restrict go = grad_out + n * gos[0] + c * gos[1] + oh * gos[2];
+      const idx_t* __restrict a = argmax + n * as[0] + c * as[1] + oh * as[2];
+      for (int64_t iw = 0; iw < W; ++iw) {
+        // Loads and compares either way (a column in no window has window 0) and masks the bits: GCC turns
+        // `named ? g : 0` into a branch here, which random argmaxes mispredict half the time.
+        const int64_t ow = column_window[iw], tc = column_tap[iw];
+        const bool named = (tc >= 0) & (a[ow * as[3]] == encode_argmax<idx_t>(r, tc, p.kw, ih, iw, W));
+        gi[iw] = masked(go[ow * gos[3]], named);
+      }
+    }
+  }
+};
+
+// The backward of non-overlapping windows: DisjointBackward for channels-contiguous tensors, else
+// DisjointRowsBackward (the caller checked that grad_in's rows are contiguous).
 template <typename scalar_t, typename idx_t>
 void backward_disjoint_windows(const at::Tensor& grad_out, const at::Tensor& argmax, const at::Tensor& grad_in,
                                const PoolWindow<int64_t>& p) {
-  const int64_t W = grad_in.size(3), OW = grad_out.size(3);
+  const int64_t N = grad_in.size(0), C = grad_in.size(1), H = grad_in.size(2), W = grad_in.size(3);
+  const int64_t OW = grad_out.size(3);
   std::vector<int64_t> column_window(static_cast<size_t>(W)), column_tap(static_cast<size_t>(W));
   for (int64_t iw = 0; iw < W; ++iw) {
     window_holding(iw, p.kw, p.sw, p.pw, p.dw, OW, column_window[iw], column_tap[iw]);
+    if (column_tap[iw] < 0) {
+      column_window[iw] = 0;  // a window that exists (its tap -1 marks the column as in none)
+    }
   }
-  DisjointBackward<scalar_t, idx_t> k{grad_out.const_data_ptr<scalar_t>(),
-                                      argmax.const_data_ptr<idx_t>(),
-                                      grad_in.mutable_data_ptr<scalar_t>(),
-                                      grad_in.size(1),
-                                      grad_in.size(2),
-                                      W,
-                                      grad_out.size(2),
-                                      {},
-                                      {},
-                                      {},
-                                      p,
-                                      column_window.data(),
-                                      column_tap.data()};
-  for (int d = 0; d < 4; ++d) {
-    k.gos[d] = grad_out.stride(d);
-    k.as[d] = argmax.stride(d);
-    k.gis[d] = grad_in.stride(d);
+  auto launch = [&](auto kernel, int64_t rows, int64_t row_size) {
+    for (int d = 0; d < 4; ++d) {
+      kernel.gos[d] = grad_out.stride(d);
+      kernel.as[d] = argmax.stride(d);
+      kernel.gis[d] = grad_in.stride(d);
+    }
+    parallel_rows(kernel, rows, std::max<int64_t>(1, kTapsPerChunk / std::max<int64_t>(1, row_size)));
+  };
+  const auto go = grad_out.const_data_ptr<scalar_t>();
+  const auto a = argmax.const_data_ptr<idx_t>();
+  const auto gi = grad_in.mutable_data_ptr<scalar_t>();
+  if (channels_contiguous(grad_out) && channels_contiguous(argmax) && channels_contiguous(grad_in)) {
+    launch(DisjointBackward<scalar_t, idx_t>{go, a, gi, C, H, W, grad_out.size(2), {}, {}, {}, p,
+                                             column_window.data(), column_tap.data()},
+           N * H, W * C);
+  } else {
+    launch(DisjointRowsBackward<scalar_t, idx_t>{go, a, gi, C, H, W, grad_out.size(2), {}, {}, {}, p,
+                                                 column_window.data(), column_tap.data()},
+           N * C * H, W);
   }
-  const int64_t grain = std::max<int64_t>(1, kTapsPerChunk / std::max<int64_t>(1, W * k.C));
-  parallel_rows(k, grad_in.size(0) * k.H, grain);
 }
 
-// The input position (ih, iw) that output (oh, ow)'s argmax code names, or false when it names no in-bounds tap
-// of that window (only a malformed argmax does; the gather of max_pool2d_backward_element ignores it too).
+// The input positions that argmax codes name, for the backward scatter: window offsets through a table of each
+// tap's displacement from its window's origin (no division per element), plane indices by a division.
 template <typename idx_t>
-inline bool argmax_position(idx_t code, int64_t oh, int64_t ow, const PoolWindow<int64_t>& p, int64_t H, int64_t W,
-                            int64_t& ih, int64_t& iw) {
-  if constexpr (sizeof(idx_t) == sizeof(int64_t)) {
-    if (code < 0 || code >= H * W) {
-      return false;
+class ArgmaxDecoder {
+ public:
+  ArgmaxDecoder(const PoolWindow<int64_t>& p, int64_t H, int64_t W) : p_(p), H_(H), W_(W) {
+    if constexpr (!kPlaneIndices) {
+      for (int64_t r = 0; r < p.kh; ++r) {
+        for (int64_t c = 0; c < p.kw; ++c) {
+          tap_row_.push_back(r * p.dh);
+          tap_col_.push_back(c * p.dw);
+        }
+      }
     }
-    ih = code / W;
-    iw = code - ih * W;
-    const int64_t r = tap_in_window(ih, oh, p.sh, p.ph, p.dh), c = tap_in_window(iw, ow, p.sw, p.pw, p.dw);
-    return r >= 0 && r < p.kh && c >= 0 && c < p.kw;
-  } else {
-    const int64_t tap = static_cast<int64_t>(code);
-    if (tap < 0 || tap >= p.kh * p.kw) {
-      return false;
-    }
-    const int64_t r = tap / p.kw;
-    ih = oh * p.sh - p.ph + r * p.dh;
-    iw = ow * p.sw - p.pw + (tap - r * p.kw) * p.dw;
-    return ih >= 0 && ih < H && iw >= 0 && iw < W;
   }
-}
+
+  // The input position (ih, iw) that output (oh, ow)'s argmax code names, or false when it names no in-bounds
+  // tap of that window (only a malformed argmax does; the gather of max_pool2d_backward_element ignores it too).
+  bool position(idx_t code, int64_t oh, int64_t ow, int64_t& ih, int64_t& iw) const {
+    if constexpr (kPlaneIndices) {
+      if (code < 0 || code >= H_ * W_) {
+        return false;
+      }
+      ih = code / W_;
+      iw = code - ih * W_;
+      const int64_t r = tap_in_window(ih, oh, p_.sh, p_.ph, p_.dh), c = tap_in_window(iw, ow, p_.sw, p_.pw, p_.dw);
+      return r >= 0 && r < p_.kh && c >= 0 && c < p_.kw;
+    } else {
+      const int64_t tap = static_cast<int64_t>(code);
+      if (tap < 0 || tap >= static_cast<int64_t>(tap_row_.size())) {
+        return false;
+      }
+      ih = oh * p_.sh - p_.ph + tap_row_[tap];
+      iw = ow * p_.sw - p_.pw + tap_col_[tap];
+      return ih >= 0 && ih < H_ && iw >= 0 && iw < W_;
+    }
+  }
+
+ private:
+  static constexpr bool kPlaneIndices = sizeof(idx_t) == sizeof(int64_t);
+  PoolWindow<int64_t> p_;
+  int64_t H_, W_;
+  std::vector<int64_t> tap_row_, tap_col_;
+};
 
 // Backward by scatter, for a grad_in with contiguous rows (NCHW) or channels (channels_last): each input
 // gradient starts at 0 and every output's gradient is added at the input its argmax names, the outputs in
@@ -413,6 +540,7 @@ void backward_scatter(const at::Tensor& grad_out, const at::Tensor& argmax, cons
   const int64_t OH = grad_out.size(2), OW = grad_out.size(3);
   const auto gos = grad_out.strides(), as = argmax.strides(), gis = grad_in.strides();
   const bool channels = channels_contiguous(grad_in);
+  const ArgmaxDecoder<idx_t> decoder(p, H, W);
   // Work items: planes (n, c), or (n, block of channels).
   const int64_t lanes = channels ? kChannelBlock : 1;
   const int64_t blocks = (C + lanes - 1) / lanes;
@@ -440,7 +568,7 @@ void backward_scatter(const at::Tensor& grad_out, const at::Tensor& argmax, cons
           const idx_t* a = argmax_data + n * as[0] + c0 * as[1] + oh * as[2] + ow * as[3];
           for (int64_t j = 0; j < cn; ++j) {
             int64_t ih, iw;
-            if (argmax_position(a[j * as[1]], oh, ow, p, H, W, ih, iw)) {
+            if (decoder.position(a[j * as[1]], oh, ow, ih, iw)) {
               sums[ih * row_step + iw * step + j] += static_cast<acc_t>(go[j * gos[1]]);
             }
           }
@@ -465,7 +593,8 @@ template <typename scalar_t, typename idx_t>
 void backward_impl(const at::Tensor& grad_out, const at::Tensor& argmax, const at::Tensor& grad_in,
                    const PoolWindow<int64_t>& p) {
   const bool disjoint = (p.kh - 1) * p.dh < p.sh && (p.kw - 1) * p.dw < p.sw;
-  if (disjoint && channels_contiguous(grad_out) && channels_contiguous(argmax) && channels_contiguous(grad_in)) {
+  const bool channels = channels_contiguous(grad_out) && channels_contiguous(argmax) && channels_contiguous(grad_in);
+  if (disjoint && (channels || grad_in.stride(3) == 1)) {
     backward_disjoint_windows<scalar_t, idx_t>(grad_out, argmax, grad_in, p);
     return;
   }
