@@ -11,6 +11,9 @@ FASTSEG_TEST_SEED=<seed> to replay a failure.
 
 import contextlib
 import os
+import subprocess
+import sys
+import textwrap
 
 import torch
 import torch.utils._python_dispatch
@@ -313,3 +316,15 @@ class DispatchedOps(torch.utils._python_dispatch.TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.append(str(func))
         return func(*args, **(kwargs or {}))
+
+
+def run_at_baseline_simd_target(script):
+    """Runs a Python script (dedented; it must print "ok" last) in a process whose CPU kernels are those built for
+    the baseline SIMD target: ATEN_CPU_CAPABILITY=default lowers torch's capability, which fastseg's C++ kernels
+    follow (csrc/common/cpu_target.h); the tests and the repository are on its path."""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env["PYTHONPATH"] = os.pathsep.join([tests, os.path.dirname(tests), env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

@@ -7,15 +7,10 @@ The op allocates its output; the CPU tests first free a NaN-filled block of the 
 allocator is likely to hand the op poisoned memory, which the op must overwrite entirely.
 """
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
-from conftest import extension_available
+from conftest import extension_available, run_at_baseline_simd_target
 
 import fastseg
 import fastseg.ops.crf as crf_ops
@@ -154,7 +149,7 @@ def test_extremes():
 def test_baseline_simd_target():
     """ATEN_CPU_CAPABILITY=default selects the kernels built for the baseline target (16-byte vectors), which
     must agree with the torch loop too (the in-process tests run the AVX2 kernels on CPUs that have them)."""
-    script = textwrap.dedent("""
+    run_at_baseline_simd_target("""
         import torch, fastseg.ops.crf as crf_ops
         from test_crf_fused import _terms
         for dtype, L in ((torch.float32, 21), (torch.float32, 70), (torch.float64, 5)):
@@ -168,11 +163,6 @@ def test_baseline_simd_target():
             torch.testing.assert_close(fused, loop, **tol)
         print("ok")
     """)
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
-    tests = os.path.dirname(os.path.abspath(__file__))
-    env["PYTHONPATH"] = os.pathsep.join([tests, os.path.dirname(tests), env.get("PYTHONPATH", "")])
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
 def _op_args(logits, terms, iterations, normalization=None, weight=None, compat=None):

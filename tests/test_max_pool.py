@@ -13,11 +13,7 @@ Inputs are random and fresh each run; a failing test prints its seed (see confte
 """
 
 import itertools
-import os
 import random
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -35,6 +31,7 @@ from conftest import (
     pair,
     poison_,
     pool_out_size,
+    run_at_baseline_simd_target,
     skip_unless_backend,
     to_layout,
     torch_max_pool,
@@ -956,7 +953,7 @@ def test_extension_baseline_simd_target():
     """ATEN_CPU_CAPABILITY=default selects the C++ kernels built for the baseline target (16-byte vectors), which
     must match torch too (the in-process tests run the AVX2 build on CPUs that have AVX2)."""
     skip_unless_backend("extension")
-    script = textwrap.dedent("""
+    run_at_baseline_simd_target("""
         import itertools, torch, fastseg
         from conftest import make_input, to_layout
         from test_max_pool import KINDS, ARGMAX_DTYPES, check_forward, kernel_forward_case
@@ -980,11 +977,6 @@ def test_extension_baseline_simd_target():
                     torch.testing.assert_close(torch.autograd.grad(out, x, g)[0], expected)
         print("ok")
     """)
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
-    tests = os.path.dirname(os.path.abspath(__file__))
-    env["PYTHONPATH"] = os.pathsep.join([tests, os.path.dirname(tests), env.get("PYTHONPATH", "")])
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
 @pytest.mark.parametrize("impl", ["triton", "extension"])

@@ -70,7 +70,7 @@ bool channels_contiguous(const at::Tensor& t) {
   return t.stride(1) == 1 && channels_innermost(t);
 }
 
-// Forward for channels-contiguous x, out and argmax: per output pixel, each in-bounds tap of the window in
+// The forward of channels-contiguous x, out and argmax (pixel_rows): per output pixel, each in-bounds tap of the window in
 // row-major order updates all the pixel's channels at once (max_pool2d_forward_element's scan and rules: the
 // first in-bounds tap sets the running maximum, as replacing the initial -inf would, and the later ones
 // replace it by replaces_max), over contiguous memory, so the compare and select vectorise (AVX2 where
@@ -80,17 +80,35 @@ bool channels_contiguous(const at::Tensor& t) {
 // 1.3x): the argmax encoding itself for window offsets, and for int64 plane indices the tap's offset from the
 // window's origin in the plane (r dh W + c dw: forward_impl checks that it fits), added to the origin's plane
 // index once per pixel.
+//
+// The forward of inputs whose rows are contiguous (NCHW; plane_rows): a row of outputs (n, c, oh) at a time.
+// The windows that lie wholly within the row's columns (all but a few at the edges) are scanned tap by tap
+// across the row: each tap (r, c), in max_pool2d_forward_element's order, updates every interior window's
+// running maximum by its rules (the first in-bounds tap sets it; later ones replace it by replaces_max; the
+// winner's own bits), a loop over the windows of strided loads that vectorises (AVX2 where use_avx2()), with
+// each window's best tap as an int32 code as in the channels-contiguous forward; the edge windows call
+// max_pool2d_forward_element itself.
 template <typename scalar_t, typename idx_t>
-struct ChannelsForward {
+struct Forward {
   const scalar_t* x;
   scalar_t* out;
   idx_t* argmax;
   int64_t C, H, W, OH, OW;
   int64_t xs[4], os[4], as[4];
   PoolWindow<int64_t> p;
+  bool channels;          // pixel_rows, else plane_rows
+  int64_t ow_lo, ow_end;  // plane_rows' interior windows: ow * sw - pw >= 0 and ow * sw - pw + (kw - 1) * dw < W
 
-  // Output rows (n, oh) begin .. end - 1.
   FASTSEG_ALWAYS_INLINE void rows(int64_t begin, int64_t end) const {
+    if (channels) {
+      pixel_rows(begin, end);
+    } else {
+      plane_rows(begin, end);
+    }
+  }
+
+  // channels-contiguous: output rows (n, oh) begin .. end - 1
+  FASTSEG_ALWAYS_INLINE void pixel_rows(int64_t begin, int64_t end) const {
     using acc_t = at::opmath_type<scalar_t>;
     constexpr bool plane_indices = sizeof(idx_t) == sizeof(int64_t);
     constexpr bool same_type = std::is_same_v<scalar_t, acc_t>;
@@ -153,57 +171,19 @@ struct ChannelsForward {
           std::fill(a, a + C, encode_argmax<idx_t>(r0, c0, p.kw, hstart + r0 * p.dh, wstart + c0 * p.dw, W));
           continue;
         }
+        // The bound in a local: a store through a char-typed argmax may alias the member C, which GCC would
+        // then reload after every store (a scalar loop).
+        const int64_t channels_here = C;
         const int64_t origin = plane_indices ? hstart * W + wstart : 0;
-        for (int64_t j = 0; j < C; ++j) {
+        for (int64_t j = 0; j < channels_here; ++j) {
           a[j] = static_cast<idx_t>(origin + tap_of[j]);
         }
       }
     }
   }
-};
 
-template <typename scalar_t, typename idx_t>
-void forward_channels_contiguous(const at::Tensor& x, const at::Tensor& out, const at::Tensor& argmax,
-                                 const PoolWindow<int64_t>& p) {
-  ChannelsForward<scalar_t, idx_t> f{x.const_data_ptr<scalar_t>(),
-                                     out.mutable_data_ptr<scalar_t>(),
-                                     argmax.mutable_data_ptr<idx_t>(),
-                                     x.size(1),
-                                     x.size(2),
-                                     x.size(3),
-                                     out.size(2),
-                                     out.size(3),
-                                     {},
-                                     {},
-                                     {},
-                                     p};
-  for (int d = 0; d < 4; ++d) {
-    f.xs[d] = x.stride(d);
-    f.os[d] = out.stride(d);
-    f.as[d] = argmax.stride(d);
-  }
-  // Rows of output pixels (n, oh) per work item: no division per pixel.
-  const int64_t grain = std::max<int64_t>(1, kTapsPerChunk / std::max<int64_t>(1, f.OW * f.C * p.kh * p.kw));
-  parallel_rows(f, out.size(0) * f.OH, grain);
-}
-
-// Forward for inputs whose rows are contiguous (NCHW): a row of outputs (n, c, oh) at a time. The windows that
-// lie wholly within the row's columns (all but a few at the edges) are scanned tap by tap across the row: each
-// tap (r, c), in max_pool2d_forward_element's order, updates every interior window's running maximum by its
-// rules (the first in-bounds tap sets it; later ones replace it by replaces_max; the winner's own bits), a loop
-// over the windows of strided loads that vectorises (AVX2 where use_avx2()), with each window's best tap as an
-// int32 code as in the channels-contiguous forward; the edge windows call max_pool2d_forward_element itself.
-template <typename scalar_t, typename idx_t>
-struct RowsForward {
-  const scalar_t* x;
-  scalar_t* out;
-  idx_t* argmax;
-  int64_t C, H, W, OH, OW;
-  int64_t xs[4], os[4], as[4];
-  PoolWindow<int64_t> p;
-  int64_t ow_lo, ow_end;  // interior windows: ow * sw - pw >= 0 and ow * sw - pw + (kw - 1) * dw < W
-
-  FASTSEG_ALWAYS_INLINE void rows(int64_t begin, int64_t end) const {
+  // contiguous rows: output rows (n, c, oh) begin .. end - 1
+  FASTSEG_ALWAYS_INLINE void plane_rows(int64_t begin, int64_t end) const {
     using acc_t = at::opmath_type<scalar_t>;
     constexpr bool plane_indices = sizeof(idx_t) == sizeof(int64_t);
     constexpr bool same_type = std::is_same_v<scalar_t, acc_t>;
@@ -265,34 +245,37 @@ struct RowsForward {
         }
       }
       const int64_t origin = plane_indices ? hstart * W - p.pw : 0;  // window ow's origin: origin + ow * sw
+      const int64_t o_step = os[3], a_step = as[3];  // locals: a char-typed argmax's stores may alias members
       for (int64_t ow = lo; ow < hi; ++ow) {
         if constexpr (same_type) {
-          o[ow * os[3]] = best[ow];
+          o[ow * o_step] = best[ow];
         } else {
-          o[ow * os[3]] = best_val[ow];
+          o[ow * o_step] = best_val[ow];
         }
-        a[ow * as[3]] = static_cast<idx_t>(plane_indices ? origin + ow * sw + best_tap[ow] : best_tap[ow]);
+        a[ow * a_step] = static_cast<idx_t>(plane_indices ? origin + ow * sw + best_tap[ow] : best_tap[ow]);
       }
     }
   }
 };
 
 template <typename scalar_t, typename idx_t>
-void forward_rows(const at::Tensor& x, const at::Tensor& out, const at::Tensor& argmax, const PoolWindow<int64_t>& p) {
-  RowsForward<scalar_t, idx_t> f{x.const_data_ptr<scalar_t>(),
-                                 out.mutable_data_ptr<scalar_t>(),
-                                 argmax.mutable_data_ptr<idx_t>(),
-                                 x.size(1),
-                                 x.size(2),
-                                 x.size(3),
-                                 out.size(2),
-                                 out.size(3),
-                                 {},
-                                 {},
-                                 {},
-                                 p,
-                                 0,
-                                 0};
+void forward_vectorised(const at::Tensor& x, const at::Tensor& out, const at::Tensor& argmax,
+                        const PoolWindow<int64_t>& p, bool channels) {
+  Forward<scalar_t, idx_t> f{x.const_data_ptr<scalar_t>(),
+                             out.mutable_data_ptr<scalar_t>(),
+                             argmax.mutable_data_ptr<idx_t>(),
+                             x.size(1),
+                             x.size(2),
+                             x.size(3),
+                             out.size(2),
+                             out.size(3),
+                             {},
+                             {},
+                             {},
+                             p,
+                             channels,
+                             0,
+                             0};
   for (int d = 0; d < 4; ++d) {
     f.xs[d] = x.stride(d);
     f.os[d] = out.stride(d);
@@ -301,8 +284,10 @@ void forward_rows(const at::Tensor& x, const at::Tensor& out, const at::Tensor& 
   f.ow_lo = std::min(f.OW, (p.pw + p.sw - 1) / p.sw);
   const int64_t last_start = f.W - 1 + p.pw - (p.kw - 1) * p.dw;  // the largest ow * sw of an interior window
   f.ow_end = last_start < 0 ? f.ow_lo : std::clamp(last_start / p.sw + 1, f.ow_lo, f.OW);
-  const int64_t grain = std::max<int64_t>(1, kTapsPerChunk / std::max<int64_t>(1, f.OW * p.kh * p.kw));
-  parallel_rows(f, out.size(0) * f.C * f.OH, grain);
+  // Work items: rows of output pixels (n, oh) or of outputs (n, c, oh): no division per output.
+  const int64_t rows = channels ? out.size(0) * f.OH : out.size(0) * f.C * f.OH;
+  const int64_t row_taps = (channels ? f.OW * f.C : f.OW) * p.kh * p.kw;
+  parallel_rows(f, rows, std::max<int64_t>(1, kTapsPerChunk / std::max<int64_t>(1, row_taps)));
 }
 
 template <typename scalar_t, typename idx_t>
@@ -313,15 +298,10 @@ void forward_impl(const at::Tensor& x, const at::Tensor& out, const at::Tensor& 
   constexpr int64_t int32_max = std::numeric_limits<int32_t>::max();
   const int64_t largest_code = sizeof(idx_t) == sizeof(int64_t) ? (p.kh - 1) * p.dh * x.size(3) + (p.kw - 1) * p.dw
                                                                  : p.kh * p.kw;
-  if (largest_code <= int32_max) {
-    if (channels_contiguous(x) && channels_contiguous(out) && channels_contiguous(argmax)) {
-      forward_channels_contiguous<scalar_t, idx_t>(x, out, argmax, p);
-      return;
-    }
-    if (x.stride(3) == 1) {
-      forward_rows<scalar_t, idx_t>(x, out, argmax, p);
-      return;
-    }
+  const bool channels = channels_contiguous(x) && channels_contiguous(out) && channels_contiguous(argmax);
+  if (largest_code <= int32_max && (channels || x.stride(3) == 1)) {
+    forward_vectorised<scalar_t, idx_t>(x, out, argmax, p, channels);
+    return;
   }
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* x_data = x.const_data_ptr<scalar_t>();
@@ -350,10 +330,24 @@ inline void window_holding(int64_t i, int64_t kernel, int64_t stride, int64_t pa
   }
 }
 
-// Backward for channels-contiguous tensors whose windows do not overlap (a 2x2 stride-2 pool): each input pixel
-// lies in at most one window, found once per row and (through a table) per column; its gradient is that
-// window's where the argmax names it, else 0 (what max_pool2d_backward_element sums over its single window), a
-// pixel at a time with the channels innermost (the select vectorises).
+// v where keep, else +0, without a branch (by the bits: a product with 0 would turn inf into NaN).
+template <typename scalar_t>
+FASTSEG_ALWAYS_INLINE scalar_t masked(scalar_t v, bool keep) {
+  using bits_t = std::conditional_t<sizeof(scalar_t) == 8, uint64_t,
+                                    std::conditional_t<sizeof(scalar_t) == 4, uint32_t, uint16_t>>;
+  static_assert(sizeof(bits_t) == sizeof(scalar_t), "masked: a 2-, 4- or 8-byte value");
+  bits_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  bits &= static_cast<bits_t>(-static_cast<bits_t>(keep));
+  std::memcpy(&v, &bits, sizeof bits);
+  return v;
+}
+
+// Backward for windows that do not overlap (a 2x2 stride-2 pool): each input pixel lies in at most one window,
+// found once per row and (through a table) per column; its gradient is that window's where the argmax names it,
+// else 0 (what max_pool2d_backward_element sums over its single window). Channels-contiguous tensors go a pixel
+// at a time with the channels innermost (the select vectorises), others a row of grad_in (n, c, ih) at a time
+// (the caller checked that grad_in's rows are contiguous).
 template <typename scalar_t, typename idx_t>
 struct DisjointBackward {
   const scalar_t* grad_out;
@@ -364,9 +358,17 @@ struct DisjointBackward {
   PoolWindow<int64_t> p;
   const int64_t* column_window;  // per input column iw: its window and tap (window_holding; window 0 and tap
   const int64_t* column_tap;     // -1 for a column in no window)
+  bool channels;                 // rows are (n, ih) with channels innermost, else (n, c, ih)
 
-  // Input rows (n, ih) begin .. end - 1.
   FASTSEG_ALWAYS_INLINE void rows(int64_t begin, int64_t end) const {
+    if (channels) {
+      pixel_rows(begin, end);
+    } else {
+      plane_rows(begin, end);
+    }
+  }
+
+  FASTSEG_ALWAYS_INLINE void pixel_rows(int64_t begin, int64_t end) const {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t ih = row % H, n = row / H;
       int64_t oh, r;
@@ -389,37 +391,8 @@ struct DisjointBackward {
       }
     }
   }
-};
 
-// v where keep, else +0, without a branch (by the bits: a product with 0 would turn inf into NaN).
-template <typename scalar_t>
-FASTSEG_ALWAYS_INLINE scalar_t masked(scalar_t v, bool keep) {
-  using bits_t = std::conditional_t<sizeof(scalar_t) == 8, uint64_t,
-                                    std::conditional_t<sizeof(scalar_t) == 4, uint32_t, uint16_t>>;
-  static_assert(sizeof(bits_t) == sizeof(scalar_t), "masked: a 2-, 4- or 8-byte value");
-  bits_t bits;
-  std::memcpy(&bits, &v, sizeof bits);
-  bits &= static_cast<bits_t>(-static_cast<bits_t>(keep));
-  std::memcpy(&v, &bits, sizeof bits);
-  return v;
-}
-
-// Backward for NCHW-like gradients (contiguous rows) whose windows do not overlap: a row of inputs (n, c, ih) at
-// a time, each input's gradient that of its single window where the argmax names it, else 0 (as
-// DisjointBackward, with the window of each column from a table: no division per element).
-template <typename scalar_t, typename idx_t>
-struct DisjointRowsBackward {
-  const scalar_t* grad_out;
-  const idx_t* argmax;
-  scalar_t* grad_in;
-  int64_t C, H, W, OH;
-  int64_t gos[4], as[4], gis[4];
-  PoolWindow<int64_t> p;
-  const int64_t* column_window;  // per input column iw: its window and tap (window_holding; window 0 and tap
-  const int64_t* column_tap;     // -1 for a column in no window)
-
-  // Input rows (n, c, ih) begin .. end - 1.
-  FASTSEG_ALWAYS_INLINE void rows(int64_t begin, int64_t end) const {
+  FASTSEG_ALWAYS_INLINE void plane_rows(int64_t begin, int64_t end) const {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t ih = row % H, c = (row / H) % C, n = row / (H * C);
       scalar_t* __restrict gi = grad_in + n * gis[0] + c * gis[1] + ih * gis[2];
@@ -442,11 +415,9 @@ struct DisjointRowsBackward {
   }
 };
 
-// The backward of non-overlapping windows: DisjointBackward for channels-contiguous tensors, else
-// DisjointRowsBackward (the caller checked that grad_in's rows are contiguous).
 template <typename scalar_t, typename idx_t>
 void backward_disjoint_windows(const at::Tensor& grad_out, const at::Tensor& argmax, const at::Tensor& grad_in,
-                               const PoolWindow<int64_t>& p) {
+                               const PoolWindow<int64_t>& p, bool channels) {
   const int64_t N = grad_in.size(0), C = grad_in.size(1), H = grad_in.size(2), W = grad_in.size(3);
   const int64_t OW = grad_out.size(3);
   std::vector<int64_t> column_window(static_cast<size_t>(W)), column_tap(static_cast<size_t>(W));
@@ -456,26 +427,27 @@ void backward_disjoint_windows(const at::Tensor& grad_out, const at::Tensor& arg
       column_window[iw] = 0;  // a window that exists (its tap -1 marks the column as in none)
     }
   }
-  auto launch = [&](auto kernel, int64_t rows, int64_t row_size) {
-    for (int d = 0; d < 4; ++d) {
-      kernel.gos[d] = grad_out.stride(d);
-      kernel.as[d] = argmax.stride(d);
-      kernel.gis[d] = grad_in.stride(d);
-    }
-    parallel_rows(kernel, rows, std::max<int64_t>(1, kTapsPerChunk / std::max<int64_t>(1, row_size)));
-  };
-  const auto go = grad_out.const_data_ptr<scalar_t>();
-  const auto a = argmax.const_data_ptr<idx_t>();
-  const auto gi = grad_in.mutable_data_ptr<scalar_t>();
-  if (channels_contiguous(grad_out) && channels_contiguous(argmax) && channels_contiguous(grad_in)) {
-    launch(DisjointBackward<scalar_t, idx_t>{go, a, gi, C, H, W, grad_out.size(2), {}, {}, {}, p,
-                                             column_window.data(), column_tap.data()},
-           N * H, W * C);
-  } else {
-    launch(DisjointRowsBackward<scalar_t, idx_t>{go, a, gi, C, H, W, grad_out.size(2), {}, {}, {}, p,
-                                                 column_window.data(), column_tap.data()},
-           N * C * H, W);
+  DisjointBackward<scalar_t, idx_t> k{grad_out.const_data_ptr<scalar_t>(),
+                                      argmax.const_data_ptr<idx_t>(),
+                                      grad_in.mutable_data_ptr<scalar_t>(),
+                                      C,
+                                      H,
+                                      W,
+                                      grad_out.size(2),
+                                      {},
+                                      {},
+                                      {},
+                                      p,
+                                      column_window.data(),
+                                      column_tap.data(),
+                                      channels};
+  for (int d = 0; d < 4; ++d) {
+    k.gos[d] = grad_out.stride(d);
+    k.as[d] = argmax.stride(d);
+    k.gis[d] = grad_in.stride(d);
   }
+  const int64_t rows = channels ? N * H : N * C * H, row_size = channels ? W * C : W;
+  parallel_rows(k, rows, std::max<int64_t>(1, kTapsPerChunk / std::max<int64_t>(1, row_size)));
 }
 
 // The input positions that argmax codes name, for the backward scatter: window offsets through a table of each
@@ -595,7 +567,7 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& argmax, const a
   const bool disjoint = (p.kh - 1) * p.dh < p.sh && (p.kw - 1) * p.dw < p.sw;
   const bool channels = channels_contiguous(grad_out) && channels_contiguous(argmax) && channels_contiguous(grad_in);
   if (disjoint && (channels || grad_in.stride(3) == 1)) {
-    backward_disjoint_windows<scalar_t, idx_t>(grad_out, argmax, grad_in, p);
+    backward_disjoint_windows<scalar_t, idx_t>(grad_out, argmax, grad_in, p, channels);
     return;
   }
   if (channels_contiguous(grad_in) || grad_in.stride(3) == 1) {
