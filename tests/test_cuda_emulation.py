@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REQUIRE_TEST_DEPS, extension_available
+from conftest import LAYOUTS, REQUIRE_TEST_DEPS, extension_available, to_layout
 
 pytestmark = [
     pytest.mark.skipif(not extension_available(), reason="fastseg._C is not built: nothing to compare against"),
@@ -41,16 +41,6 @@ def emu():
         pytest.skip(f"the CUDA emulation did not build: {str(error).splitlines()[0]}")
 
 
-def _layout(x, layout):
-    if layout == "channels_last":
-        return x.contiguous(memory_format=torch.channels_last)
-    if layout == "strided":  # every dimension strided: a view into a larger tensor
-        big = torch.empty([2 * s + 1 for s in x.shape], dtype=x.dtype)
-        view = big[tuple(slice(1, None, 2) for _ in x.shape)]
-        return view.copy_(x)
-    return x
-
-
 # --------------------------------------------------------------------------------------------------------------
 # max-pooling
 # --------------------------------------------------------------------------------------------------------------
@@ -69,7 +59,7 @@ def _pool_output(x, k, s, p, d, ceil_mode):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("argmax_dtype", [torch.int8, torch.int64])
 def test_max_pool_matches_cpu_kernel(emu, dtype, layout, argmax_dtype):
     """Forward (values and argmax) and backward of the CUDA kernels equal the CPU kernels' bit for bit (both run
@@ -77,15 +67,15 @@ def test_max_pool_matches_cpu_kernel(emu, dtype, layout, argmax_dtype):
     for k, s, p, d, ceil_mode in POOL_CASES:
         x = torch.randn(2, 5, 11, 9).round().to(dtype)  # rounded: ties
         x[0, 1, 3, 4] = float("nan")
-        x = _layout(x, layout)
+        x = to_layout(x, layout)
         OH, OW = _pool_output(x.float(), k, s, p, d, ceil_mode)
-        grad_out = _layout(torch.randn(2, 5, OH, OW).to(dtype), layout)
+        grad_out = to_layout(torch.randn(2, 5, OH, OW).to(dtype), layout)
         results = []
         for ops in (torch.ops.fastseg, emu):
-            out = _layout(torch.full((2, 5, OH, OW), float("nan"), dtype=dtype), layout)
-            argmax = _layout(torch.full((2, 5, OH, OW), -99, dtype=argmax_dtype), layout)
+            out = to_layout(torch.full((2, 5, OH, OW), float("nan"), dtype=dtype), layout)
+            argmax = to_layout(torch.full((2, 5, OH, OW), -99, dtype=argmax_dtype), layout)
             ops.ext_max_pool2d_out(x, out, argmax, k, s, p, d)
-            grad_in = _layout(torch.full(x.shape, float("nan"), dtype=dtype), layout)
+            grad_in = to_layout(torch.full(x.shape, float("nan"), dtype=dtype), layout)
             ops.ext_max_pool2d_backward_out(grad_out, argmax, grad_in, k, s, p, d)
             results.append((out, argmax, grad_in))
         for cpu, cuda in zip(*results):
