@@ -3,11 +3,10 @@
 // The per-element work is the shared math in pool/max_pool_math.h; this file chooses the loop order and
 // splits the work across threads with at::parallel_for. Faster paths give the same results as the generic
 // per-element ones, which serve other strides (and cover the math the CUDA kernels share): the forward of
-// channels-contiguous (channels_last) tensors walks each window once for a block of channels, the compare and
-// select over contiguous memory (they vectorise); the forward of row-contiguous (NCHW) tensors scans the
-// windows inside the image without bounds checks; the backward of channels-contiguous tensors whose windows do
-// not overlap finds each input pixel's single window once per row and column; the backward into NCHW or other
-// channels_last gradients scatters each output's gradient to its argmax, in the gather's order of sums.
+// channels-contiguous (channels_last) and of row-contiguous (NCHW) tensors scans each tap across a pixel's
+// channels or a row's windows, vectorised (AVX2 where common/cpu_target.h allows); the backward of windows that
+// do not overlap gives each input its one window's gradient where the argmax names it; the backward into other
+// NCHW or channels_last gradients scatters each output's gradient to its argmax, in the gather's order of sums.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -70,24 +69,54 @@ bool channels_contiguous(const at::Tensor& t) {
   return t.stride(1) == 1 && channels_innermost(t);
 }
 
-// The forward of channels-contiguous x, out and argmax (pixel_rows): per output pixel, each in-bounds tap of the window in
-// row-major order updates all the pixel's channels at once (max_pool2d_forward_element's scan and rules: the
-// first in-bounds tap sets the running maximum, as replacing the initial -inf would, and the later ones
-// replace it by replaces_max), over contiguous memory, so the compare and select vectorise (AVX2 where
-// use_avx2()). float and double keep the running maximum in the output itself; half types compare in float,
-// in a buffer beside the winners' own bits. Each channel's best tap is an int32 beside the values' 32-bit
-// lanes (narrower or wider lanes slow the vectorised select: int64 plane indices 6x, int8 window offsets
-// 1.3x): the argmax encoding itself for window offsets, and for int64 plane indices the tap's offset from the
-// window's origin in the plane (r dh W + c dw: forward_impl checks that it fits), added to the origin's plane
-// index once per pixel.
+// One tap of the forward's vectorised scans, folded into the running maxima of `count` windows (a row's) or
+// channels (a pixel's), by max_pool2d_forward_element's rules: the first tap sets them, as replacing the initial
+// -inf would; later ones replace them by replaces_max. Value i of the tap is values[kContiguous ? i : i * step];
+// best (acc_t), best_val (the winners' own bits: half types; unused when scalar_t is acc_t) and best_tap (the
+// winner's int32 code) hold the state.
+template <bool kContiguous, typename scalar_t, typename acc_t>
+FASTSEG_ALWAYS_INLINE void scan_tap(const scalar_t* __restrict values, int64_t step, int64_t count, bool first,
+                                    int32_t code, acc_t* __restrict best, scalar_t* __restrict best_val,
+                                    int32_t* __restrict best_tap) {
+  constexpr bool same_type = std::is_same_v<scalar_t, acc_t>;
+  if (first) {  // a loop of its own: `first || replaces_max(...)` keeps GCC from vectorising the select
+    for (int64_t i = 0; i < count; ++i) {
+      const scalar_t t = values[kContiguous ? i : i * step];
+      best[i] = static_cast<acc_t>(t);
+      if constexpr (!same_type) {
+        best_val[i] = t;
+      }
+      best_tap[i] = code;
+    }
+    return;
+  }
+  for (int64_t i = 0; i < count; ++i) {
+    const scalar_t t = values[kContiguous ? i : i * step];
+    const acc_t v = static_cast<acc_t>(t);
+    const bool take = replaces_max(v, best[i]);
+    best[i] = take ? v : best[i];
+    if constexpr (!same_type) {
+      best_val[i] = take ? t : best_val[i];
+    }
+    best_tap[i] = take ? code : best_tap[i];
+  }
+}
+
+// The forward of channels-contiguous x, out and argmax (pixel_rows): per output pixel, each in-bounds tap of the
+// window in row-major order updates all the pixel's channels at once (scan_tap), over contiguous memory, so the
+// compare and select vectorise (AVX2 where use_avx2()). float and double keep the running maximum in the
+// output itself; half types compare in float, in a buffer, and keep the winners' own bits in the output. Each
+// channel's best tap is an int32 beside the values' 32-bit lanes (narrower or wider lanes slow the vectorised
+// select: int64 plane indices 6x, int8 window offsets 1.3x): the argmax encoding itself for window offsets, and
+// for int64 plane indices the tap's offset from the window's origin in the plane (r dh W + c dw: forward_impl
+// checks that it fits), added to the origin's plane index once per pixel.
 //
 // The forward of inputs whose rows are contiguous (NCHW; plane_rows): a row of outputs (n, c, oh) at a time.
 // The windows that lie wholly within the row's columns (all but a few at the edges) are scanned tap by tap
 // across the row: each tap (r, c), in max_pool2d_forward_element's order, updates every interior window's
-// running maximum by its rules (the first in-bounds tap sets it; later ones replace it by replaces_max; the
-// winner's own bits), a loop over the windows of strided loads that vectorises (AVX2 where use_avx2()), with
-// each window's best tap as an int32 code as in the channels-contiguous forward; the edge windows call
-// max_pool2d_forward_element itself.
+// running maximum (scan_tap), a loop over the windows of strided loads that vectorises (AVX2 where
+// use_avx2()), with each window's best tap as an int32 code as in the channels-contiguous forward; the edge
+// windows call max_pool2d_forward_element itself.
 template <typename scalar_t, typename idx_t>
 struct Forward {
   const scalar_t* x;
@@ -143,27 +172,8 @@ struct Forward {
             const scalar_t* __restrict tap = x_n + ih * xs[2] + iw * xs[3];
             const int32_t code = static_cast<int32_t>(plane_indices ? r * p.dh * W + c * p.dw
                                                                     : encode_argmax<idx_t>(r, c, p.kw, ih, iw, W));
-            if (first) {
-              first = false;
-              for (int64_t j = 0; j < C; ++j) {
-                best[j] = static_cast<acc_t>(tap[j]);
-                if constexpr (!same_type) {
-                  o[j] = tap[j];
-                }
-                tap_of[j] = code;
-              }
-              continue;
-            }
-            for (int64_t j = 0; j < C; ++j) {
-              const scalar_t t = tap[j];
-              const acc_t v = static_cast<acc_t>(t);
-              const bool take = replaces_max(v, best[j]);
-              best[j] = take ? v : best[j];
-              if constexpr (!same_type) {
-                o[j] = take ? t : o[j];
-              }
-              tap_of[j] = take ? code : tap_of[j];
-            }
+            scan_tap<true>(tap, 1, C, first, code, best, o, tap_of);
+            first = false;
           }
         }
         if (first) {  // no tap in bounds (the argument checks rule it out): what the per-element scan gives
@@ -203,15 +213,15 @@ struct Forward {
       const int64_t r0 = first_valid_tap(hstart, p.dh);
       const int64_t r_end = std::min(p.kh, (H - hstart + p.dh - 1) / p.dh);  // rows r0 .. r_end - 1 in 0..H-1
       const int64_t lo = ow_lo, hi = r0 < r_end ? ow_end : ow_lo;  // no row in bounds: every window an edge one
-      for (int64_t ow = 0; ow < OW; ++ow) {  // the edge windows: ow < lo and ow >= hi
-        if (ow == lo) {
-          ow = hi;
-          if (ow == OW) {
-            break;
-          }
-        }
+      auto edge = [&](int64_t ow) {  // scalar either way: a lambda (compiled for the baseline) costs nothing
         max_pool2d_forward_element<scalar_t, acc_t, idx_t, int64_t>(plane, H, W, xs[2], int64_t(1), p, oh, ow,
                                                                     o + ow * os[3], a + ow * as[3]);
+      };
+      for (int64_t ow = 0; ow < lo; ++ow) {
+        edge(ow);
+      }
+      for (int64_t ow = hi; ow < OW; ++ow) {
+        edge(ow);
       }
       if (lo >= hi) {
         continue;
@@ -221,27 +231,8 @@ struct Forward {
           // the tap of window ow is taps[ow * sw]
           const scalar_t* __restrict taps = plane + (hstart + r * p.dh) * xs[2] + tc * p.dw - p.pw;
           const int32_t code = static_cast<int32_t>(plane_indices ? r * p.dh * W + tc * p.dw : r * p.kw + tc);
-          if (r == r0 && tc == 0) {
-            for (int64_t ow = lo; ow < hi; ++ow) {
-              const scalar_t t = taps[ow * sw];
-              best[ow] = static_cast<acc_t>(t);
-              if constexpr (!same_type) {
-                best_val[ow] = t;
-              }
-              best_tap[ow] = code;
-            }
-            continue;
-          }
-          for (int64_t ow = lo; ow < hi; ++ow) {
-            const scalar_t t = taps[ow * sw];
-            const acc_t v = static_cast<acc_t>(t);
-            const bool take = replaces_max(v, best[ow]);
-            best[ow] = take ? v : best[ow];
-            if constexpr (!same_type) {
-              best_val[ow] = take ? t : best_val[ow];
-            }
-            best_tap[ow] = take ? code : best_tap[ow];
-          }
+          scan_tap<false>(taps + lo * sw, sw, hi - lo, r == r0 && tc == 0, code, best + lo, best_val + lo,
+                          best_tap + lo);
         }
       }
       const int64_t origin = plane_indices ? hstart * W - p.pw : 0;  // window ow's origin: origin + ow * sw
