@@ -459,6 +459,17 @@ def test_backward_channel_blocks(backend):
         check_backward(x, 2, 2, 0, 1, True)
 
 
+@pytest.mark.parametrize("padding", [0, 1])
+def test_backward_two_wide_windows_rows(backend, padding):
+    """2x2 stride-2 windows over NCHW rows (the CPU kernel's vectorised column pairs, eight windows a step):
+    rows of fewer windows than a step, of several steps and a remainder, odd widths and heights (a last column
+    and row in no window), padding (edge windows with one column outside), ceil_mode, float and half types."""
+    for dtype in dtypes_for(backend)[:2]:
+        for W in (2, 3, 16, 17, 41):
+            x = make_input((2, 3, 5, W), dtype, "ties" if W % 2 else "randn")
+            check_backward(x, 2, 2, padding, 1, ceil_mode=W == 17)
+
+
 def test_backward_3d_input(backend):
     x = make_input((2, 6, 7), torch.float32, "ties")
     check_backward(x, 3, 2, 1)

@@ -434,19 +434,20 @@ def _setup_context(ctx, inputs, output):
 
 
 def _conv_backward(grad_conv: Tensor, x: Tensor, weight: Tensor, stride, padding4, dilation, groups,
-                   need_x: bool, need_w: bool):
-    """(grad_x, grad_weight) of conv2d(x, weight) with [top, left, bottom, right] padding, by torch's own
-    convolution backward (cuDNN on CUDA)."""
+                   need_x: bool, need_w: bool, need_sum: bool):
+    """(grad_x, grad_weight, grad_conv summed over all but the channel dimension) of conv2d(x, weight) with
+    [top, left, bottom, right] padding, by torch's own convolution backward (cuDNN on CUDA); None where not
+    needed. The sum is a bias's gradient: torch computes it with the others (oneDNN in the same pass)."""
     pt, pl, pb, pr = padding4
     asymmetric = (pt, pl) != (pb, pr)
     xin = F.pad(x, (pl, pr, pt, pb)) if asymmetric else x
     pad = [0, 0] if asymmetric else [pt, pl]
-    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-        grad_conv, xin, weight, None, list(stride), pad, list(dilation), False, [0, 0], groups,
-        [need_x, need_w, False])
+    grad_x, grad_w, grad_sum = torch.ops.aten.convolution_backward(
+        grad_conv, xin, weight, [weight.shape[0]] if need_sum else None, list(stride), pad, list(dilation), False,
+        [0, 0], groups, [need_x, need_w, need_sum])
     if asymmetric and grad_x is not None:
         grad_x = grad_x[:, :, pt:pt + x.shape[2], pl:pl + x.shape[3]]
-    return grad_x, grad_w
+    return grad_x, grad_w, grad_sum
 
 
 # The Triton backward kernels as ops of their own, so that torch.compile traces the backward through their fake
@@ -499,38 +500,51 @@ def _fused_conv2d_grad(ctx, grad_out):
         grad_x = torch.ops.fastseg.fused_conv2d_input_grad(*conv_args) if needs[0] else None
         grad_w = torch.ops.fastseg.fused_conv2d_weight_grad(*conv_args) if needs[1] else None
     torch_conv = need_conv and not triton_conv
-    need_epilogue = ((has_bias and needs[2]) or (has_scale and needs[3]) or (has_shift and needs[4])
-                     or (has_residual and needs[5]))
-    if not (torch_conv or need_epilogue):  # nothing left for the chain rule in PyTorch
+    need_bias, need_scale = has_bias and needs[2], has_scale and needs[3]
+    need_shift, need_residual = has_shift and needs[4], has_residual and needs[5]
+    if not (torch_conv or need_bias or need_scale or need_shift or need_residual):
         return (grad_x, grad_w, None, None, None, None, None, None, None, None, None)
-    compute = torch.float32 if grad_out.dtype in (torch.float16, torch.bfloat16) else grad_out.dtype
-    g = grad_out.to(compute)
-    if ctx.activation == "relu":
-        g = torch.where(out > 0, g, torch.zeros((), dtype=compute, device=g.device))
-    if has_residual and needs[5]:
-        grad_residual = g.to(grad_out.dtype)
-    if has_shift and needs[4]:
-        grad_shift = g.sum((0, 2, 3)).to(ctx.dtypes[1])
-    if has_scale and needs[3]:
+    # g: the gradient at the epilogue's sum (conv + bias) * scale + shift + residual, in grad_out's dtype (the
+    # ReLU mask selects, it does not round); torch's ReLU backward, so a NaN output passes its gradient on.
+    g = torch.ops.aten.threshold_backward(grad_out, out, 0) if ctx.activation == "relu" else grad_out
+    compute = torch.promote_types(grad_out.dtype, torch.float32)
+    if need_residual:
+        grad_residual = g
+    if need_scale:
         # d out / d scale = conv(x, w) + bias, recomputed (not saved): one more forward, training of scale only.
         with _backend.backend(ctx.backend):
             pre = torch.ops.fastseg.fused_conv2d(x, weight, bias, None, None, None, stride, padding, dilation,
                                                  groups, None)
-        grad_scale = (g * pre.to(compute)).sum((0, 2, 3)).to(ctx.dtypes[0])
-    if has_scale:
-        g = g * scale.to(compute).view(1, -1, 1, 1)
-    if has_bias and needs[2]:
-        grad_bias = g.sum((0, 2, 3)).to(bias.dtype)
+        grad_scale = (g.to(compute) * pre.to(compute)).sum((0, 2, 3)).to(ctx.dtypes[0])
+    # sum(g) over everything but the channel: the shift's gradient, and scale times it the bias's. torch's
+    # convolution backward computes it along with the others where g's dtype is the compute dtype.
+    sum_in_backward = torch_conv and (need_bias or need_shift) and g.dtype == compute
+    sum_g = None
+    if (need_bias or need_shift) and not sum_in_backward:
+        sum_g = g.sum((0, 2, 3), dtype=compute)
     if torch_conv:
+        # The convolution's gradient is that of g * scale: scale folded into the weight for grad_x (a pass over
+        # the weights instead of one over g) and applied to grad_w after, which does not depend on the weight.
+        conv_weight = weight
+        if has_scale:
+            conv_weight = (weight.to(compute) * scale.to(compute).view(-1, 1, 1, 1)).to(weight.dtype)
         if x.device.type == "cpu" and compute != x.dtype:
             # CPU half-precision convolutions may accumulate in half: run them in float32 and round once.
-            grad_x, grad_w = _conv_backward(g, x.to(compute), weight.to(compute), stride, padding, dilation,
-                                            groups, needs[0], needs[1])
-            grad_x = None if grad_x is None else grad_x.to(x.dtype)
-            grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+            grad_x, grad_w, _ = _conv_backward(g.to(compute), x.to(compute), conv_weight.to(compute), stride,
+                                               padding, dilation, groups, needs[0], needs[1], False)
         else:
-            grad_x, grad_w = _conv_backward(g.to(x.dtype), x, weight, stride, padding, dilation, groups,
-                                            needs[0], needs[1])
+            grad_x, grad_w, sum_out = _conv_backward(g.to(x.dtype), x, conv_weight, stride, padding, dilation,
+                                                     groups, needs[0], needs[1], sum_in_backward)
+            if sum_in_backward:
+                sum_g = sum_out
+        if grad_w is not None and has_scale:
+            grad_w = grad_w.to(compute) * scale.to(compute).view(-1, 1, 1, 1)
+        grad_x = None if grad_x is None else grad_x.to(x.dtype)
+        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+    if need_shift:
+        grad_shift = sum_g.to(ctx.dtypes[1])
+    if need_bias:
+        grad_bias = (sum_g * scale.to(compute) if has_scale else sum_g).to(bias.dtype)
     return (grad_x, grad_w, grad_bias, grad_scale, grad_shift, grad_residual, None, None, None, None, None)
 
 

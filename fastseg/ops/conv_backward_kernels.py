@@ -1,8 +1,8 @@
 """Triton backward kernels of the fused convolution (groups == 1): the input gradient and the weight gradient.
 
 Both start from ``grad_out``, the gradient at the fused op's output, and apply the epilogue's chain rule as they
-load it: ``grad_z = grad_out * (out > 0) * scale`` (the ReLU mask from the saved output, the per-channel
-scale), so the gradient at the convolution's output never exists in memory. Bias, shift and residual do not
+load it: ``grad_z = grad_out * (out > 0) * scale`` (the ReLU mask from the saved output, passing a NaN output's
+gradient on as torch's ReLU does; the per-channel scale), so the gradient at the convolution's output never exists in memory. Bias, shift and residual do not
 enter grad_z; their own gradients are reductions the caller does.
 
 - ``_conv2d_dgrad_kernel`` (input gradient): an implicit GEMM with rows M = N*H*W (input pixels), columns C
@@ -71,14 +71,15 @@ def _is_channels_last(t):
 def _grad_z_tile(g_ptr, out_ptr, scale_ptr, pix_off_g, pix_off_out, pix_ok, k, k_ok, sgk, sok,
                  operand_ty: tl.constexpr, RELU: tl.constexpr, HAS_SCALE: tl.constexpr,
                  APPLY_SCALE: tl.constexpr):
-    """grad_out * (out > 0) [* scale] at [pixel, output channel], in the GEMM's operand type (float32 math).
+    """grad_out * (out > 0) [* scale] at [pixel, output channel], in the GEMM's operand type (float32 math);
+    the mask is torch's ReLU backward's (out <= 0 blocks), so a NaN output passes its gradient on.
 
     APPLY_SCALE=False leaves the scale out (the weight gradient applies it to its result)."""
     mask = pix_ok[:, None] & k_ok[None, :]
     g = tl.load(g_ptr + pix_off_g[:, None] + k[None, :] * sgk, mask=mask, other=0.0).to(tl.float32)
     if RELU:
         y = tl.load(out_ptr + pix_off_out[:, None] + k[None, :] * sok, mask=mask, other=0.0)
-        g = tl.where(y > 0, g, 0.0)
+        g = tl.where(y <= 0, 0.0, g)
     if HAS_SCALE and APPLY_SCALE:
         g = g * tl.load(scale_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
     return g.to(operand_ty)

@@ -347,9 +347,15 @@ struct DisjointBackward {
   int64_t C, H, W, OH;
   int64_t gos[4], as[4], gis[4];
   PoolWindow<int64_t> p;
+  const int64_t* row_window;     // per input row ih: its window and tap (window_holding; tap -1 for a row in
+  const int64_t* row_tap;        // no window)
   const int64_t* column_window;  // per input column iw: its window and tap (window_holding; window 0 and tap
   const int64_t* column_tap;     // -1 for a column in no window)
   bool channels;                 // rows are (n, ih) with channels innermost, else (n, c, ih)
+  // NCHW rows of 2-wide, stride-2 windows (undilated) with contiguous grad_out and argmax rows: the windows
+  // [pair_windows_begin, pair_windows_end) lie wholly inside the input's columns (an empty range otherwise)
+  int64_t pair_windows_begin, pair_windows_end;
+  static constexpr bool kPlaneIndices = sizeof(idx_t) == sizeof(int64_t);
 
   FASTSEG_ALWAYS_INLINE void rows(int64_t begin, int64_t end) const {
     if (channels) {
@@ -359,49 +365,99 @@ struct DisjointBackward {
     }
   }
 
+  // The rows' coordinates are counted up from the first's, and each input row's window comes from a table: a
+  // division per row costs as much as a short row's work.
   FASTSEG_ALWAYS_INLINE void pixel_rows(int64_t begin, int64_t end) const {
+    int64_t ih = begin % H, n = begin / H;
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t ih = row % H, n = row / H;
-      int64_t oh, r;
-      window_holding(ih, p.kh, p.sh, p.ph, p.dh, OH, oh, r);
-      for (int64_t iw = 0; iw < W; ++iw) {
-        // restrict: an int8 argmax is a char type, which may alias anything, and would keep the loop scalar
-        scalar_t* __restrict gi = grad_in + n * gis[0] + ih * gis[2] + iw * gis[3];
-        const int64_t ow = column_window[iw], c = column_tap[iw];
-        if (r < 0 || c < 0) {
-          std::fill(gi, gi + C, scalar_t(0));
-          continue;
-        }
-        const scalar_t* __restrict go = grad_out + n * gos[0] + oh * gos[2] + ow * gos[3];
-        const idx_t* __restrict a = argmax + n * as[0] + oh * as[2] + ow * as[3];
-        const idx_t code = encode_argmax<idx_t>(r, c, p.kw, ih, iw, W);
-        for (int64_t j = 0; j < C; ++j) {
-          const scalar_t g = go[j];  // loaded either way: a select, not a branch, so the loop vectorises
-          gi[j] = a[j] == code ? g : scalar_t(0);
-        }
+      pixel_row(n, ih);
+      if (++ih == H) {
+        ih = 0;
+        ++n;
+      }
+    }
+  }
+
+  FASTSEG_ALWAYS_INLINE void pixel_row(int64_t n, int64_t ih) const {
+    const int64_t oh = row_window[ih], r = row_tap[ih];
+    for (int64_t iw = 0; iw < W; ++iw) {
+      // restrict: an int8 argmax is a char type, which may alias anything, and would keep the loop scalar
+      scalar_t* __restrict gi = grad_in + n * gis[0] + ih * gis[2] + iw * gis[3];
+      const int64_t ow = column_window[iw], c = column_tap[iw];
+      if (r < 0 || c < 0) {
+        std::fill(gi, gi + C, scalar_t(0));
+        continue;
+      }
+      const scalar_t* __restrict go = grad_out + n * gos[0] + oh * gos[2] + ow * gos[3];
+      const idx_t* __restrict a = argmax + n * as[0] + oh * as[2] + ow * as[3];
+      const idx_t code = encode_argmax<idx_t>(r, c, p.kw, ih, iw, W);
+      for (int64_t j = 0; j < C; ++j) {
+        const scalar_t g = go[j];  // loaded either way: a select, not a branch, so the loop vectorises
+        gi[j] = a[j] == code ? g : scalar_t(0);
       }
     }
   }
 
   FASTSEG_ALWAYS_INLINE void plane_rows(int64_t begin, int64_t end) const {
+    int64_t ih = begin % H, c = (begin / H) % C, n = begin / (H * C);
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t ih = row % H, c = (row / H) % C, n = row / (H * C);
-      scalar_t* __restrict gi = grad_in + n * gis[0] + c * gis[1] + ih * gis[2];
-      int64_t oh, r;
-      window_holding(ih, p.kh, p.sh, p.ph, p.dh, OH, oh, r);
-      if (r < 0) {
-        std::fill(gi, gi + W, scalar_t(0));
-        continue;
+      plane_row(n, c, ih);
+      if (++ih == H) {
+        ih = 0;
+        if (++c == C) {
+          c = 0;
+          ++n;
+        }
       }
-      const scalar_t* __restrict go = grad_out + n * gos[0] + c * gos[1] + oh * gos[2];
-      const idx_t* __restrict a = argmax + n * as[0] + c * as[1] + oh * as[2];
-      for (int64_t iw = 0; iw < W; ++iw) {
-        // Loads and compares either way (a column in no window has window 0) and masks the bits: GCC turns
-        // `named ? g : 0` into a branch here, which random argmaxes mispredict half the time.
-        const int64_t ow = column_window[iw], tc = column_tap[iw];
-        const bool named = (tc >= 0) & (a[ow * as[3]] == encode_argmax<idx_t>(r, tc, p.kw, ih, iw, W));
-        gi[iw] = masked(go[ow * gos[3]], named);
-      }
+    }
+  }
+
+  FASTSEG_ALWAYS_INLINE void plane_row(int64_t n, int64_t c, int64_t ih) const {
+    scalar_t* __restrict gi = grad_in + n * gis[0] + c * gis[1] + ih * gis[2];
+    const int64_t oh = row_window[ih], r = row_tap[ih];
+    if (r < 0) {
+      std::fill(gi, gi + W, scalar_t(0));
+      return;
+    }
+    const scalar_t* __restrict go = grad_out + n * gos[0] + c * gos[1] + oh * gos[2];
+    const idx_t* __restrict a = argmax + n * as[0] + c * as[1] + oh * as[2];
+    if (pair_windows_end <= pair_windows_begin) {
+      plane_columns(go, a, gi, ih, r, 0, W);
+      return;
+    }
+    // 2-wide windows side by side: each window's pair of columns from its one gradient and code, in a loop
+    // over the windows that vectorises (interleaved stores); the columns outside these windows one by one.
+    const int64_t begin = 2 * pair_windows_begin - p.pw, end = 2 * pair_windows_end - p.pw;
+    plane_columns(go, a, gi, ih, r, 0, begin);
+    const idx_t first = encode_argmax<idx_t>(r, int64_t(0), int64_t(2), ih, begin, W);
+    const idx_t second = encode_argmax<idx_t>(r, int64_t(1), int64_t(2), ih, begin + 1, W);
+    const scalar_t* __restrict go_pairs = go + pair_windows_begin;
+    const idx_t* __restrict a_pairs = a + pair_windows_begin;
+    scalar_t* __restrict gi_pairs = gi + begin;
+    // simdlen(8): eight windows a vector step. Left to itself GCC sizes the step by the narrowest type, 32 int8
+    // codes, and a row of fewer windows (U-Net's and SegNet's deeper rows) would run wholly scalar.
+#pragma omp simd simdlen(8)
+    for (int64_t k = 0; k < pair_windows_end - pair_windows_begin; ++k) {
+      // plane indices grow by 2 a window; window offsets name the same taps in every window
+      const idx_t step = kPlaneIndices ? static_cast<idx_t>(2 * k) : idx_t(0);
+      const scalar_t g = go_pairs[k];
+      const idx_t code = a_pairs[k];
+      gi_pairs[2 * k] = code == first + step ? g : scalar_t(0);
+      gi_pairs[2 * k + 1] = code == second + step ? g : scalar_t(0);
+    }
+    plane_columns(go, a, gi, ih, r, end, W);
+  }
+
+  // Columns [begin, end) of input row ih (tap row r of its window), one at a time.
+  FASTSEG_ALWAYS_INLINE void plane_columns(const scalar_t* __restrict go, const idx_t* __restrict a,
+                                           scalar_t* __restrict gi, int64_t ih, int64_t r, int64_t begin,
+                                           int64_t end) const {
+    for (int64_t iw = begin; iw < end; ++iw) {
+      // Loads and compares either way (a column in no window has window 0) and masks the bits: GCC turns
+      // `named ? g : 0` into a branch here, which random argmaxes mispredict half the time.
+      const int64_t ow = column_window[iw], tc = column_tap[iw];
+      const bool named = (tc >= 0) & (a[ow * as[3]] == encode_argmax<idx_t>(r, tc, p.kw, ih, iw, W));
+      gi[iw] = masked(go[ow * gos[3]], named);
     }
   }
 };
@@ -411,6 +467,10 @@ void backward_disjoint_windows(const at::Tensor& grad_out, const at::Tensor& arg
                                const PoolWindow<int64_t>& p, bool channels) {
   const int64_t N = grad_in.size(0), C = grad_in.size(1), H = grad_in.size(2), W = grad_in.size(3);
   const int64_t OW = grad_out.size(3);
+  std::vector<int64_t> row_window(static_cast<size_t>(H)), row_tap(static_cast<size_t>(H));
+  for (int64_t ih = 0; ih < H; ++ih) {
+    window_holding(ih, p.kh, p.sh, p.ph, p.dh, grad_out.size(2), row_window[ih], row_tap[ih]);
+  }
   std::vector<int64_t> column_window(static_cast<size_t>(W)), column_tap(static_cast<size_t>(W));
   for (int64_t iw = 0; iw < W; ++iw) {
     window_holding(iw, p.kw, p.sw, p.pw, p.dw, OW, column_window[iw], column_tap[iw]);
@@ -429,9 +489,17 @@ void backward_disjoint_windows(const at::Tensor& grad_out, const at::Tensor& arg
                                       {},
                                       {},
                                       p,
+                                      row_window.data(),
+                                      row_tap.data(),
                                       column_window.data(),
                                       column_tap.data(),
-                                      channels};
+                                      channels,
+                                      0,
+                                      0};
+  if (!channels && p.kw == 2 && p.sw == 2 && p.dw == 1 && grad_out.stride(3) == 1 && argmax.stride(3) == 1) {
+    k.pair_windows_begin = (p.pw + 1) / 2;                         // the first whose left column is >= 0
+    k.pair_windows_end = std::min<int64_t>(OW, (W + p.pw) / 2);  // past the last whose right column is < W
+  }
   for (int d = 0; d < 4; ++d) {
     k.gos[d] = grad_out.stride(d);
     k.as[d] = argmax.stride(d);
@@ -442,24 +510,32 @@ void backward_disjoint_windows(const at::Tensor& grad_out, const at::Tensor& arg
 }
 
 // The input positions that argmax codes name, for the backward scatter: window offsets through a table of each
-// tap's displacement from its window's origin (no division per element), plane indices by a division.
+// tap's displacement from its window's origin (no division per element), plane indices by a division. A view
+// (trivially copyable: the scatter keeps a copy in registers) of tables that `storage` owns.
 template <typename idx_t>
 class ArgmaxDecoder {
  public:
-  ArgmaxDecoder(const PoolWindow<int64_t>& p, int64_t H, int64_t W) : p_(p), H_(H), W_(W) {
+  ArgmaxDecoder(const PoolWindow<int64_t>& p, int64_t H, int64_t W, std::vector<int64_t>& storage)
+      : p_(p), H_(H), W_(W) {
     if constexpr (!kPlaneIndices) {
+      taps_ = p.kh * p.kw;
+      storage.resize(static_cast<size_t>(2 * taps_));
       for (int64_t r = 0; r < p.kh; ++r) {
         for (int64_t c = 0; c < p.kw; ++c) {
-          tap_row_.push_back(r * p.dh);
-          tap_col_.push_back(c * p.dw);
+          storage[r * p.kw + c] = r * p.dh;
+          storage[taps_ + r * p.kw + c] = c * p.dw;
         }
       }
+      tap_row_ = storage.data();
+      tap_col_ = storage.data() + taps_;
     }
   }
 
-  // The input position (ih, iw) that output (oh, ow)'s argmax code names, or false when it names no in-bounds
-  // tap of that window (only a malformed argmax does; the gather of max_pool2d_backward_element ignores it too).
-  bool position(idx_t code, int64_t oh, int64_t ow, int64_t& ih, int64_t& iw) const {
+  // The input position (ih, iw) that the argmax code of output (oh, ow), whose window's origin is (row0, col0) =
+  // (oh sh - ph, ow sw - pw), names; false when it names no in-bounds tap of that window (only a malformed argmax
+  // does; the gather of max_pool2d_backward_element ignores it too).
+  FASTSEG_ALWAYS_INLINE bool position(idx_t code, int64_t oh, int64_t ow, int64_t row0, int64_t col0, int64_t& ih,
+                                      int64_t& iw) const {
     if constexpr (kPlaneIndices) {
       if (code < 0 || code >= H_ * W_) {
         return false;
@@ -469,13 +545,14 @@ class ArgmaxDecoder {
       const int64_t r = tap_in_window(ih, oh, p_.sh, p_.ph, p_.dh), c = tap_in_window(iw, ow, p_.sw, p_.pw, p_.dw);
       return r >= 0 && r < p_.kh && c >= 0 && c < p_.kw;
     } else {
+      // unsigned compares: a negative value wraps past the bound
       const int64_t tap = static_cast<int64_t>(code);
-      if (tap < 0 || tap >= static_cast<int64_t>(tap_row_.size())) {
+      if (static_cast<uint64_t>(tap) >= static_cast<uint64_t>(taps_)) {
         return false;
       }
-      ih = oh * p_.sh - p_.ph + tap_row_[tap];
-      iw = ow * p_.sw - p_.pw + tap_col_[tap];
-      return ih >= 0 && ih < H_ && iw >= 0 && iw < W_;
+      ih = row0 + tap_row_[tap];
+      iw = col0 + tap_col_[tap];
+      return static_cast<uint64_t>(ih) < static_cast<uint64_t>(H_) && static_cast<uint64_t>(iw) < static_cast<uint64_t>(W_);
     }
   }
 
@@ -483,7 +560,9 @@ class ArgmaxDecoder {
   static constexpr bool kPlaneIndices = sizeof(idx_t) == sizeof(int64_t);
   PoolWindow<int64_t> p_;
   int64_t H_, W_;
-  std::vector<int64_t> tap_row_, tap_col_;
+  int64_t taps_ = 0;
+  const int64_t* tap_row_ = nullptr;
+  const int64_t* tap_col_ = nullptr;
 };
 
 // Backward by scatter, for a grad_in with contiguous rows (NCHW) or channels (channels_last): each input
@@ -503,7 +582,8 @@ void backward_scatter(const at::Tensor& grad_out, const at::Tensor& argmax, cons
   const int64_t OH = grad_out.size(2), OW = grad_out.size(3);
   const auto gos = grad_out.strides(), as = argmax.strides(), gis = grad_in.strides();
   const bool channels = channels_contiguous(grad_in);
-  const ArgmaxDecoder<idx_t> decoder(p, H, W);
+  std::vector<int64_t> decoder_tables;
+  const ArgmaxDecoder<idx_t> decoder(p, H, W, decoder_tables);
   // Work items: planes (n, c), or (n, block of channels).
   const int64_t lanes = channels ? kChannelBlock : 1;
   const int64_t blocks = (C + lanes - 1) / lanes;
@@ -521,18 +601,40 @@ void backward_scatter(const at::Tensor& grad_out, const at::Tensor& argmax, cons
       }
       const int64_t row_step = in_place ? gis[2] : W * cn, step = in_place ? gis[3] : cn;
       for (int64_t ih = 0; ih < H; ++ih) {
+        if (step == cn) {  // the row's pixels adjacent: one fill (a fill per pixel costs a memset call each)
+          std::fill(sums + ih * row_step, sums + ih * row_step + W * cn, acc_t(0));
+          continue;
+        }
         for (int64_t iw = 0; iw < W; ++iw) {
           std::fill(sums + ih * row_step + iw * step, sums + ih * row_step + iw * step + cn, acc_t(0));
         }
       }
+      // Locals, not the decoder and stride arrays themselves: the stores into sums could alias them as far as
+      // the compiler knows (an int8 argmax is a char type), which would reload them for every element.
+      const ArgmaxDecoder<idx_t> dec = decoder;
+      const int64_t go_sc = gos[1], go_sh = gos[2], go_sw = gos[3];
+      const int64_t a_sc = as[1], a_sh = as[2], a_sw = as[3];
+      const int64_t sh = p.sh, sw = p.sw, ph = p.ph, pw = p.pw;
+      const scalar_t* go_item = go_data + n * gos[0] + c0 * go_sc;
+      const idx_t* a_item = argmax_data + n * as[0] + c0 * a_sc;
       for (int64_t oh = 0; oh < OH; ++oh) {
+        const scalar_t* go_row = go_item + oh * go_sh;
+        const idx_t* a_row = a_item + oh * a_sh;
+        const int64_t row0 = oh * sh - ph;
         for (int64_t ow = 0; ow < OW; ++ow) {
-          const scalar_t* go = go_data + n * gos[0] + c0 * gos[1] + oh * gos[2] + ow * gos[3];
-          const idx_t* a = argmax_data + n * as[0] + c0 * as[1] + oh * as[2] + ow * as[3];
+          const scalar_t* go = go_row + ow * go_sw;
+          const idx_t* a = a_row + ow * a_sw;
+          const int64_t col0 = ow * sw - pw;
+          int64_t ih, iw;
+          if (cn == 1) {  // NCHW: no channel loop
+            if (dec.position(*a, oh, ow, row0, col0, ih, iw)) {
+              sums[ih * row_step + iw * step] += static_cast<acc_t>(*go);
+            }
+            continue;
+          }
           for (int64_t j = 0; j < cn; ++j) {
-            int64_t ih, iw;
-            if (decoder.position(a[j * as[1]], oh, ow, ih, iw)) {
-              sums[ih * row_step + iw * step + j] += static_cast<acc_t>(go[j * gos[1]]);
+            if (dec.position(a[j * a_sc], oh, ow, row0, col0, ih, iw)) {
+              sums[ih * row_step + iw * step + j] += static_cast<acc_t>(go[j * go_sc]);
             }
           }
         }
