@@ -9,7 +9,8 @@ Layers: ``fused_conv2d`` validates and resolves the arguments; the registered cu
 ``torch.ops.fastseg.fused_conv2d`` carries the fake implementation (torch.compile) and autograd, and eager calls
 on CPU and CUDA tensors run its implementation directly, through a torch.autograd.Function when a gradient is
 needed (ops/_eager.py: without the op's dispatch layers a small call's host time drops from about 60 to 30 us on
-the CI machine); the forward runs on one backend: the Triton implicit-GEMM kernel (``conv_kernels.py``) or the
+the CI machine), or, where it runs torch's own ops only ("aten" on the CPU), under torch's autograd of those
+ops, whose backward needs no Python; the forward runs on one backend: the Triton implicit-GEMM kernel (``conv_kernels.py``) or the
 plain-PyTorch reference below. "auto" on CUDA times the Triton kernel against cuDNN with the affine folded into
 the weights (``folded_conv2d``: torch's convolution, then the residual and ReLU in place; and, when the epilogue
 ends in a ReLU, cuDNN's fused cudnn_convolution_(add_)relu as a third candidate) on the first call of each
@@ -551,6 +552,16 @@ def _fused_conv2d_grad(ctx, grad_out):
 _fused_conv2d_op.register_autograd(_fused_conv2d_grad, setup_context=_setup_context)
 
 
+def _torch_autograd_differentiates(x: Tensor, weight: Tensor, OH: int, OW: int) -> bool:
+    """Whether an eager call that needs a gradient may run the implementation without the op's autograd: "aten"
+    on CPU tensors (float32, float64) is torch's own differentiable ops only (the fold, oneDNN's convolution, the
+    in-place residual and ReLU), and torch's autograd runs their backward in C++: the same formulas as the op's
+    backward (the ReLU's threshold_backward, torch's convolution backward) without its Python, which cost more
+    than a small layer's kernels. Not for an empty output, which the implementation returns detached."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and x.shape[0] * weight.shape[0] * OH * OW > 0 and _backend.select("fused_conv2d", x.device) == "aten")
+
+
 class _FusedConv2dFunction(torch.autograd.Function):
     """fastseg::fused_conv2d's forward and autograd for eager calls that need a gradient (ops._eager): the same
     implementation, setup and backward as the registered op's."""
@@ -617,11 +628,11 @@ def fused_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1
     if not isinstance(groups, int) or isinstance(groups, bool):
         raise TypeError(f"fused_conv2d: groups must be an int, but got {groups!r}")
     padding4 = _resolve_padding(padding, tuple(weight.shape[2:]), s, d)
-    _check(x, weight, bias, scale, shift, residual, s, padding4, d, groups, activation)
+    OH, OW = _check(x, weight, bias, scale, shift, residual, s, padding4, d, groups, activation)
     args = (x, weight, bias, scale, shift, residual, list(s), padding4, list(d), groups, activation)
     if not skips_dispatch(x):
         out = torch.ops.fastseg.fused_conv2d(*args)
-    elif needs_grad(x, weight, bias, scale, shift, residual):
+    elif needs_grad(x, weight, bias, scale, shift, residual) and not _torch_autograd_differentiates(x, weight, OH, OW):
         out = _FusedConv2dFunction.apply(*args)
     else:
         out = _fused_conv2d(*args)
