@@ -526,13 +526,15 @@ def _fused_conv2d_grad(ctx, grad_out):
     if torch_conv:
         # The convolution's gradient is that of g * scale: scale folded into the weight for grad_x (a pass over
         # the weights instead of one over g) and applied to grad_w after, which does not depend on the weight.
-        conv_weight = weight
+        # CPU half-precision convolutions may accumulate in half: there they run in float32 and round once.
+        upcast = x.device.type == "cpu" and compute != x.dtype
+        conv_weight = weight.to(compute) if upcast else weight
         if has_scale:
-            conv_weight = (weight.to(compute) * scale.to(compute).view(-1, 1, 1, 1)).to(weight.dtype)
-        if x.device.type == "cpu" and compute != x.dtype:
-            # CPU half-precision convolutions may accumulate in half: run them in float32 and round once.
-            grad_x, grad_w, _ = _conv_backward(g.to(compute), x.to(compute), conv_weight.to(compute), stride,
-                                               padding, dilation, groups, needs[0], needs[1], False)
+            conv_weight = conv_weight.to(compute) * scale.to(compute).view(-1, 1, 1, 1)
+            conv_weight = conv_weight if upcast else conv_weight.to(weight.dtype)
+        if upcast:
+            grad_x, grad_w, _ = _conv_backward(g.to(compute), x.to(compute), conv_weight, stride, padding, dilation,
+                                               groups, needs[0], needs[1], False)
         else:
             grad_x, grad_w, sum_out = _conv_backward(g.to(x.dtype), x, conv_weight, stride, padding, dilation,
                                                      groups, needs[0], needs[1], sum_in_backward)
