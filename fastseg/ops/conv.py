@@ -6,20 +6,20 @@ is None or "relu". The convolution's semantics are torch.nn.functional.conv2d's:
 padding (int, pair, "valid" or "same") and dilation; groups 1 or depthwise (groups == in_channels).
 
 Layers: ``fused_conv2d`` validates and resolves the arguments; the registered custom op
-``torch.ops.fastseg.fused_conv2d`` carries the fake implementation (torch.compile) and autograd, and eager calls
-on CPU and CUDA tensors run its implementation directly, through a torch.autograd.Function when a gradient is
-needed (ops/_eager.py: without the op's dispatch layers a small call's host time drops from about 60 to 30 us on
-the CI machine), or, where it runs torch's own ops only ("aten" on the CPU), under torch's autograd of those
-ops, whose backward needs no Python; the forward runs on one backend: the Triton implicit-GEMM kernel (``conv_kernels.py``) or the
-plain-PyTorch reference below. "auto" on CUDA times the Triton kernel against cuDNN with the affine folded into
+``torch.ops.fastseg.fused_conv2d`` carries the fake implementation (torch.compile) and autograd, and eager calls on
+CPU and CUDA tensors run its implementation directly, through a torch.autograd.Function when a gradient is needed
+(ops/_eager.py: without the op's dispatch layers a small call's host time drops from about 60 to 30 us on the CI
+machine), or, where it runs torch's own ops only ("aten" on the CPU), under torch's autograd of those ops, whose
+backward needs no Python; the forward runs on one backend: the Triton implicit-GEMM kernel (``conv_kernels.py``) or
+the plain-PyTorch reference below. "auto" on CUDA times the Triton kernel against cuDNN with the affine folded into
 the weights (``folded_conv2d``: torch's convolution, then the residual and ReLU in place; and, when the epilogue
-ends in a ReLU, cuDNN's fused cudnn_convolution_(add_)relu as a third candidate) on the first call of each
-problem, and keeps the fastest (``auto_choices()`` lists what it kept, ``auto_timings()`` the times it chose by);
-``fastseg.backend("triton")`` forces the kernel. On the CPU "auto" runs ATen (``folded_conv2d`` through
-oneDNN's convolution, which adds the folded bias itself): a pass fewer than eager conv -> BatchNorm -> ReLU;
-float16 and bfloat16 CPU tensors run on the reference, which computes in float32 (torch's CPU half-precision
-convolutions may accumulate in half). The Triton backward kernels are registered ops too
-(``fused_conv2d_input_grad``, ``fused_conv2d_weight_grad``), so torch.compile traces the backward.
+ends in a ReLU, cuDNN's fused cudnn_convolution_(add_)relu as a third candidate) on the first call of each problem,
+and keeps the fastest (``auto_choices()`` lists what it kept, ``auto_timings()`` the times it chose by);
+``fastseg.backend("triton")`` forces the kernel. On the CPU "auto" runs ATen (``folded_conv2d`` through oneDNN's
+convolution, which adds the folded bias itself): a pass fewer than eager conv -> BatchNorm -> ReLU; float16 and
+bfloat16 CPU tensors run on the reference, which computes in float32 (torch's CPU half-precision convolutions may
+accumulate in half). The Triton backward kernels are registered ops too (``fused_conv2d_input_grad``,
+``fused_conv2d_weight_grad``), so torch.compile traces the backward.
 
 Backward: it runs on the backend the forward ran under (saved in the autograd context), and picks the
 gradients of x and weight by that backend:

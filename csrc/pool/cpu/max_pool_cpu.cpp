@@ -552,7 +552,8 @@ class ArgmaxDecoder {
       }
       ih = row0 + tap_row_[tap];
       iw = col0 + tap_col_[tap];
-      return static_cast<uint64_t>(ih) < static_cast<uint64_t>(H_) && static_cast<uint64_t>(iw) < static_cast<uint64_t>(W_);
+      return static_cast<uint64_t>(ih) < static_cast<uint64_t>(H_) &&
+             static_cast<uint64_t>(iw) < static_cast<uint64_t>(W_);
     }
   }
 
