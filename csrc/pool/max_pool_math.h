@@ -44,9 +44,12 @@ FASTSEG_HOST_DEVICE inline bool replaces_max(acc_t val, acc_t running_max) {
 
 // The argmax dtype selects the encoding: int64 stores PyTorch's flat index within the (n, c) plane,
 // narrower dtypes store the window offset r * kw + c (the caller checked that kh * kw fits the dtype).
+template <typename idx_t>
+constexpr bool kPlaneIndices = sizeof(idx_t) == sizeof(int64_t);
+
 template <typename idx_t, typename I>
 FASTSEG_HOST_DEVICE inline idx_t encode_argmax(I r, I c, I kw, I ih, I iw, I W) {
-  if constexpr (sizeof(idx_t) == sizeof(int64_t)) {
+  if constexpr (kPlaneIndices<idx_t>) {
     // 64-bit even with 32-bit offsets: a plane of H * W elements may exceed int32 by itself.
     return static_cast<int64_t>(ih) * W + iw;
   } else {

@@ -139,7 +139,6 @@ struct Forward {
   // channels-contiguous: output rows (n, oh) begin .. end - 1
   FASTSEG_ALWAYS_INLINE void pixel_rows(int64_t begin, int64_t end) const {
     using acc_t = at::opmath_type<scalar_t>;
-    constexpr bool plane_indices = sizeof(idx_t) == sizeof(int64_t);
     constexpr bool same_type = std::is_same_v<scalar_t, acc_t>;
     std::vector<acc_t> compared(same_type ? 0 : static_cast<size_t>(C));
     std::vector<int32_t> best_tap(static_cast<size_t>(C));
@@ -170,8 +169,8 @@ struct Forward {
               break;
             }
             const scalar_t* __restrict tap = x_n + ih * xs[2] + iw * xs[3];
-            const int32_t code = static_cast<int32_t>(plane_indices ? r * p.dh * W + c * p.dw
-                                                                    : encode_argmax<idx_t>(r, c, p.kw, ih, iw, W));
+            const int32_t code = static_cast<int32_t>(
+                kPlaneIndices<idx_t> ? r * p.dh * W + c * p.dw : encode_argmax<idx_t>(r, c, p.kw, ih, iw, W));
             scan_tap<true>(tap, 1, C, first, code, best, o, tap_of);
             first = false;
           }
@@ -184,7 +183,7 @@ struct Forward {
         // The bound in a local: a store through a char-typed argmax may alias the member C, which GCC would
         // then reload after every store (a scalar loop).
         const int64_t channels_here = C;
-        const int64_t origin = plane_indices ? hstart * W + wstart : 0;
+        const int64_t origin = kPlaneIndices<idx_t> ? hstart * W + wstart : 0;
         for (int64_t j = 0; j < channels_here; ++j) {
           a[j] = static_cast<idx_t>(origin + tap_of[j]);
         }
@@ -195,7 +194,6 @@ struct Forward {
   // contiguous rows: output rows (n, c, oh) begin .. end - 1
   FASTSEG_ALWAYS_INLINE void plane_rows(int64_t begin, int64_t end) const {
     using acc_t = at::opmath_type<scalar_t>;
-    constexpr bool plane_indices = sizeof(idx_t) == sizeof(int64_t);
     constexpr bool same_type = std::is_same_v<scalar_t, acc_t>;
     std::vector<acc_t> best_buffer(static_cast<size_t>(OW));
     std::vector<scalar_t> value_buffer(same_type ? 0 : static_cast<size_t>(OW));
@@ -230,12 +228,12 @@ struct Forward {
         for (int64_t tc = 0; tc < p.kw; ++tc) {
           // the tap of window ow is taps[ow * sw]
           const scalar_t* __restrict taps = plane + (hstart + r * p.dh) * xs[2] + tc * p.dw - p.pw;
-          const int32_t code = static_cast<int32_t>(plane_indices ? r * p.dh * W + tc * p.dw : r * p.kw + tc);
+          const int32_t code = static_cast<int32_t>(kPlaneIndices<idx_t> ? r * p.dh * W + tc * p.dw : r * p.kw + tc);
           scan_tap<false>(taps + lo * sw, sw, hi - lo, r == r0 && tc == 0, code, best + lo, best_val + lo,
                           best_tap + lo);
         }
       }
-      const int64_t origin = plane_indices ? hstart * W - p.pw : 0;  // window ow's origin: origin + ow * sw
+      const int64_t origin = kPlaneIndices<idx_t> ? hstart * W - p.pw : 0;  // window ow's origin: origin + ow * sw
       const int64_t o_step = os[3], a_step = as[3];  // locals: a char-typed argmax's stores may alias members
       for (int64_t ow = lo; ow < hi; ++ow) {
         if constexpr (same_type) {
@@ -243,7 +241,7 @@ struct Forward {
         } else {
           o[ow * o_step] = best_val[ow];
         }
-        a[ow * a_step] = static_cast<idx_t>(plane_indices ? origin + ow * sw + best_tap[ow] : best_tap[ow]);
+        a[ow * a_step] = static_cast<idx_t>(kPlaneIndices<idx_t> ? origin + ow * sw + best_tap[ow] : best_tap[ow]);
       }
     }
   }
@@ -287,8 +285,8 @@ void forward_impl(const at::Tensor& x, const at::Tensor& out, const at::Tensor& 
   // (the channels-contiguous and row scans keep each tap's code as an int32: a window offset, or for int64
   // plane indices the offset from the window's origin in the plane)
   constexpr int64_t int32_max = std::numeric_limits<int32_t>::max();
-  const int64_t largest_code = sizeof(idx_t) == sizeof(int64_t) ? (p.kh - 1) * p.dh * x.size(3) + (p.kw - 1) * p.dw
-                                                                 : p.kh * p.kw;
+  const int64_t largest_code = kPlaneIndices<idx_t> ? (p.kh - 1) * p.dh * x.size(3) + (p.kw - 1) * p.dw
+                                                    : p.kh * p.kw;
   const bool channels = channels_contiguous(x) && channels_contiguous(out) && channels_contiguous(argmax);
   if (largest_code <= int32_max && (channels || x.stride(3) == 1)) {
     forward_vectorised<scalar_t, idx_t>(x, out, argmax, p, channels);
@@ -355,7 +353,6 @@ struct DisjointBackward {
   // NCHW rows of 2-wide, stride-2 windows (undilated) with contiguous grad_out and argmax rows: the windows
   // [pair_windows_begin, pair_windows_end) lie wholly inside the input's columns (an empty range otherwise)
   int64_t pair_windows_begin, pair_windows_end;
-  static constexpr bool kPlaneIndices = sizeof(idx_t) == sizeof(int64_t);
 
   FASTSEG_ALWAYS_INLINE void rows(int64_t begin, int64_t end) const {
     if (channels) {
@@ -439,7 +436,7 @@ struct DisjointBackward {
 #pragma omp simd simdlen(8)
     for (int64_t k = 0; k < pair_windows_end - pair_windows_begin; ++k) {
       // plane indices grow by 2 a window; window offsets name the same taps in every window
-      const idx_t step = kPlaneIndices ? static_cast<idx_t>(2 * k) : idx_t(0);
+      const idx_t step = kPlaneIndices<idx_t> ? static_cast<idx_t>(2 * k) : idx_t(0);
       const scalar_t g = go_pairs[k];
       const idx_t code = a_pairs[k];
       gi_pairs[2 * k] = code == first + step ? g : scalar_t(0);
@@ -517,7 +514,7 @@ class ArgmaxDecoder {
  public:
   ArgmaxDecoder(const PoolWindow<int64_t>& p, int64_t H, int64_t W, std::vector<int64_t>& storage)
       : p_(p), H_(H), W_(W) {
-    if constexpr (!kPlaneIndices) {
+    if constexpr (!kPlaneIndices<idx_t>) {
       taps_ = p.kh * p.kw;
       storage.resize(static_cast<size_t>(2 * taps_));
       for (int64_t r = 0; r < p.kh; ++r) {
@@ -536,7 +533,7 @@ class ArgmaxDecoder {
   // does; the gather of max_pool2d_backward_element ignores it too).
   FASTSEG_ALWAYS_INLINE bool position(idx_t code, int64_t oh, int64_t ow, int64_t row0, int64_t col0, int64_t& ih,
                                       int64_t& iw) const {
-    if constexpr (kPlaneIndices) {
+    if constexpr (kPlaneIndices<idx_t>) {
       if (code < 0 || code >= H_ * W_) {
         return false;
       }
@@ -571,7 +568,6 @@ class ArgmaxDecoder {
   }
 
  private:
-  static constexpr bool kPlaneIndices = sizeof(idx_t) == sizeof(int64_t);
   PoolWindow<int64_t> p_;
   int64_t H_, W_;
   int64_t taps_ = 0;
@@ -652,7 +648,7 @@ void backward_scatter(const at::Tensor& grad_out, const at::Tensor& argmax, cons
             const scalar_t* go = go_item + oh * go_sh + ow * go_sw;
             const idx_t* a = a_item + oh * a_sh + ow * a_sw;
             const int64_t col0 = ow * sw - pw;
-            if constexpr (sizeof(idx_t) < sizeof(int64_t)) {
+            if constexpr (!kPlaneIndices<idx_t>) {
               // In a window wholly inside the input a window offset is its tap's displacement from the origin,
               // and the channel loop needs no bounds checks (1.5x faster).
               if (dec.interior(row0, col0)) {
